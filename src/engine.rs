@@ -1,0 +1,222 @@
+//! The interface between the element and whatever restores frames.
+//!
+//! The element (GStreamer glue) converts every video frame to an [`Image`], asks a
+//! [`RestoreEngine`] for the restored image, and converts back. The engine owns everything
+//! model-related: padding to the sizes the model needs, clip-level caches, devices. Keeping the
+//! trait here, on the model side, lets the model work evolve without touching the element, and
+//! lets tests (and applications embedding the plugin from Rust) plug in engines of their own.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// A frame as the engine sees it: packed RGB, row-major, values in [0, 1].
+///
+/// f32 keeps 16-bit input (`RGBA64_LE`) lossless; 8-bit input maps `v / 255`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Image {
+    pub width: usize,
+    pub height: usize,
+    /// `width * height * 3` values, RGB interleaved.
+    pub data: Vec<f32>,
+}
+
+impl Image {
+    pub fn new(width: usize, height: usize) -> Self {
+        Self { width, height, data: vec![0.0; width * height * 3] }
+    }
+
+    pub fn pixel(&self, x: usize, y: usize) -> [f32; 3] {
+        let i = (y * self.width + x) * 3;
+        [self.data[i], self.data[i + 1], self.data[i + 2]]
+    }
+}
+
+/// What the element knows about the stream when caps are set (again on every caps change).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamInfo {
+    pub in_width: usize,
+    pub in_height: usize,
+    /// Output size = input size × scale.
+    pub scale: usize,
+    /// Frames per second as a fraction; `None` for variable rate or stills.
+    pub fps: Option<(i32, i32)>,
+}
+
+impl StreamInfo {
+    pub fn out_width(&self) -> usize {
+        self.in_width * self.scale
+    }
+    pub fn out_height(&self) -> usize {
+        self.in_height * self.scale
+    }
+}
+
+/// Why a new clip starts at a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClipReason {
+    /// First frame of the stream, or after a flush/seek.
+    Start,
+    /// Scene cut detected from frame statistics.
+    SceneCut,
+    /// `clip-max-frames` reached.
+    MaxFrames,
+    /// An application asked for it with the `dpir-clip` event.
+    Event,
+    /// The prompt changed (property, event or tags).
+    Prompt,
+}
+
+impl ClipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClipReason::Start => "start",
+            ClipReason::SceneCut => "scene-cut",
+            ClipReason::MaxFrames => "max-frames",
+            ClipReason::Event => "event",
+            ClipReason::Prompt => "prompt",
+        }
+    }
+}
+
+/// Per-frame context handed to the engine.
+#[derive(Debug, Clone)]
+pub struct FrameContext {
+    /// Index of the frame since the stream started (or since the last flush).
+    pub index: u64,
+    /// Index of the clip this frame belongs to.
+    pub clip_index: u64,
+    /// `Some(reason)` on the first frame of a clip.
+    pub new_clip: Option<ClipReason>,
+    /// Text prompt for this clip (empty: no text, zero T5 tokens).
+    pub prompt: String,
+    /// Set when the element is flushing: long computations may stop early (the result is
+    /// thrown away anyway).
+    pub cancel: CancelFlag,
+}
+
+/// Cooperative cancellation, checked by engines between expensive steps.
+#[derive(Debug, Clone, Default)]
+pub struct CancelFlag(Arc<AtomicBool>);
+
+impl CancelFlag {
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+    pub fn set(&self, v: bool) {
+        self.0.store(v, Ordering::Relaxed)
+    }
+}
+
+/// Errors an engine reports; the element turns them into element errors.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The model directory or its weights are unusable: the user must fix files or settings.
+    #[error("{0}")]
+    Model(String),
+    /// A setting cannot be honoured (e.g. bf16 on CPU, CUDA not compiled in).
+    #[error("{0}")]
+    Settings(String),
+    /// The stream cannot be processed (e.g. a frame size the model cannot take).
+    #[error("{0}")]
+    Stream(String),
+    /// Anything failing while restoring a frame.
+    #[error("{0}")]
+    Runtime(String),
+    /// Computation stopped because the element is flushing.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// How the engine should run, mirrored from the element's properties.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineSettings {
+    /// Model directory; `None`: the embedded default model.
+    pub model: Option<PathBuf>,
+    /// `cpu`, `cuda:N` or `auto`.
+    pub device: String,
+    /// `f32`, `f16` or `bf16`.
+    pub precision: String,
+    pub steps: u32,
+    pub seed: u64,
+    pub prompt: String,
+    /// `wavelet`, `adain` or `none`.
+    pub color_fix: String,
+    /// `sample` (official script) or `mode` (deterministic).
+    pub lq_latent: String,
+    /// `reference` (official tiling quirk) or `corrected`.
+    pub tiling: String,
+    /// Latent tile size and overlap for large frames (official: 128 and 8).
+    pub tile_size: u32,
+    pub tile_overlap: u32,
+    /// `per-clip` or `per-frame` initial noise.
+    pub noise: String,
+    /// Free the prompt encoders between clips.
+    pub low_memory: bool,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            model: None,
+            device: "auto".into(),
+            precision: "f32".into(),
+            steps: 28,
+            seed: 0,
+            prompt: String::new(),
+            color_fix: "wavelet".into(),
+            lq_latent: "sample".into(),
+            tiling: "corrected".into(),
+            tile_size: 128,
+            tile_overlap: 8,
+            noise: "per-clip".into(),
+            low_memory: false,
+        }
+    }
+}
+
+/// Something that restores frames. One instance per element; called from the element's
+/// worker thread only, so `&mut self` needs no locking.
+pub trait RestoreEngine: Send {
+    /// Called before the first frame and again whenever the caps change.
+    fn configure(&mut self, info: &StreamInfo) -> Result<(), EngineError>;
+
+    /// Restore one frame; the output must be `info.out_width() × info.out_height()`.
+    fn restore(&mut self, frame: &Image, ctx: &FrameContext) -> Result<Image, EngineError>;
+
+    /// Expected processing time per frame, for the LATENCY query; `None` if unknown yet.
+    fn latency(&self) -> Option<Duration> {
+        None
+    }
+
+    /// A short human-readable description (model, device, precision) for logs.
+    fn describe(&self) -> String {
+        String::from("engine")
+    }
+}
+
+/// Builds an engine from settings; called when the element goes READY→PAUSED.
+pub type EngineFactory =
+    Arc<dyn Fn(&EngineSettings) -> Result<Box<dyn RestoreEngine>, EngineError> + Send + Sync>;
+
+/// The engine the element builds unless told otherwise: DPIR from the `model` directory.
+pub fn default_factory() -> EngineFactory {
+    Arc::new(|settings: &EngineSettings| {
+        crate::restorer::DpirEngine::load(settings).map(|e| Box::new(e) as Box<dyn RestoreEngine>)
+    })
+}
+
+/// Nearest-neighbour upscaling: the cheapest restoration, used for frames skipped under QoS
+/// and by tests.
+pub fn upscale_nearest(frame: &Image, scale: usize) -> Image {
+    let mut out = Image::new(frame.width * scale, frame.height * scale);
+    for y in 0..out.height {
+        for x in 0..out.width {
+            let src = ((y / scale) * frame.width + x / scale) * 3;
+            let dst = (y * out.width + x) * 3;
+            out.data[dst..dst + 3].copy_from_slice(&frame.data[src..src + 3]);
+        }
+    }
+    out
+}
