@@ -170,6 +170,9 @@ impl DpirRestore {
     /// Caps on the other side of the element: `towards_src` multiplies sizes by `scale`,
     /// otherwise divides (dropping sizes that aren't multiples of it).
     fn transform_caps(&self, caps: &gst::Caps, towards_src: bool) -> gst::Caps {
+        if caps.is_any() {
+            return caps.clone();
+        }
         let scale = self.settings.lock().unwrap().scale as i32;
         let mut out = gst::Caps::new_empty();
         {
@@ -381,7 +384,10 @@ impl DpirRestore {
             }
             QueryViewMut::AcceptCaps(q) => {
                 let caps = q.caps_owned();
-                let ok = self.output_caps(&caps).is_ok() && caps.can_intersect(&self.query_caps(pad, None));
+                // Interlaced caps are accepted here on purpose: the CAPS event then refuses them
+                // with an error that tells the user to deinterlace, instead of a bare
+                // not-negotiated failure upstream.
+                let ok = caps.can_intersect(&self.query_caps(pad, None));
                 q.set_result(ok);
                 true
             }
@@ -1094,7 +1100,6 @@ impl ElementImpl for DpirRestore {
         static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
             let caps = gst_video::VideoCapsBuilder::new()
                 .format_list(video::FORMATS.iter().copied())
-                .field("interlace-mode", "progressive")
                 .build();
             vec![
                 gst::PadTemplate::new("src", gst::PadDirection::Src, gst::PadPresence::Always, &caps).unwrap(),

@@ -1,1 +1,222 @@
-//! (in progress)
+//! One-image DPIR restoration, orchestrated as the official
+//! `StableDiffusion3ControlNetPipeline.__call__` (`pipelines/pipeline_stable_diffusion_3_cnext.py`),
+//! and its latent-tiled variant (`_sw` pipeline, see [`super::tiling`]):
+//!
+//! ```text
+//! lq [-1,1] (already at output size) → z_lq = autoencoder.encode_latent(lq)
+//! x = initial noise; for each σ: v = transformer(x, z_lq, prompt, pooled, σ·1000); x = euler(v, x)
+//! image = autoencoder.decode_latent(x)
+//! ```
+//!
+//! Prompt embeddings come from [`super::prompt`]; the colour fix is applied by the caller
+//! ([`super::color_fix`]). Latents are kept in f32 between steps whatever the model dtype (the
+//! official pipeline keeps them in the model dtype; f32 is the safer choice for half models).
+
+use candle_core::{DType, Result, Tensor};
+
+use super::autoencoder::{Autoencoder, LatentDraw};
+use super::scheduler::{FlowMatchEulerConfig, FlowMatchEulerScheduler, guidance};
+use super::tiling::{LatentTiling, blend_tiles, tile_windows};
+use super::transformer::DpirTransformer;
+
+/// Sampling options.
+#[derive(Debug, Clone)]
+pub struct SamplerOptions {
+    /// Euler steps (DPIR: 28).
+    pub steps: usize,
+    /// Classifier-free guidance scale; `<= 1` disables it (DPIR's default). When enabled, the
+    /// unconditional branch uses all-zero prompt and pooled embeddings.
+    pub guidance_scale: f64,
+    /// Latent tiling for large frames; `None` always samples the whole latent at once.
+    pub tiling: Option<LatentTiling>,
+}
+
+impl Default for SamplerOptions {
+    fn default() -> Self {
+        Self { steps: 28, guidance_scale: 1.0, tiling: Some(LatentTiling::default()) }
+    }
+}
+
+/// What a step callback sees (after the Euler step).
+pub struct StepInfo<'a> {
+    pub index: usize,
+    pub total: usize,
+    /// σ·1000 given to the transformer.
+    pub timestep: f32,
+    /// Latents entering the step.
+    pub model_input: &'a Tensor,
+    /// Velocity used for the step (after guidance and tile blending).
+    pub velocity: &'a Tensor,
+    /// Latents after the step.
+    pub latents: &'a Tensor,
+}
+
+/// Result of [`DpirPipeline::restore`].
+#[derive(Debug, Clone)]
+pub struct RestoreOutput {
+    /// LQ latent given to the transformer as `controlnet_cond`.
+    pub z_lq: Tensor,
+    /// Latents after the last step (model space, before un-scaling).
+    pub final_latents: Tensor,
+    /// Decoded image, NCHW, about [-1, 1].
+    pub decoded: Tensor,
+}
+
+/// The DPIR sampler around a transformer and an autoencoder.
+pub struct DpirPipeline<'a> {
+    pub transformer: &'a DpirTransformer,
+    pub autoencoder: &'a dyn Autoencoder,
+    pub scheduler: FlowMatchEulerConfig,
+}
+
+impl<'a> DpirPipeline<'a> {
+    pub fn new(
+        transformer: &'a DpirTransformer,
+        autoencoder: &'a dyn Autoencoder,
+        scheduler: FlowMatchEulerConfig,
+    ) -> Self {
+        Self { transformer, autoencoder, scheduler }
+    }
+
+    /// Latent shape `[1, C, H/8, W/8]` for an output image of `width × height`; both sides must
+    /// be multiples of `2 × downscale` (16 for SD3).
+    pub fn latent_shape(&self, width: usize, height: usize) -> Result<(usize, usize, usize, usize)> {
+        let m = 2 * self.autoencoder.downscale();
+        if width % m != 0 || height % m != 0 {
+            candle_core::bail!("image size {width}x{height} must be a multiple of {m} on both sides");
+        }
+        let ds = self.autoencoder.downscale();
+        Ok((1, self.autoencoder.latent_channels(), height / ds, width / ds))
+    }
+
+    /// `z_lq` of an LQ image (NCHW, [-1, 1], already at the output size).
+    pub fn encode_lq(&self, lq: &Tensor, draw: &LatentDraw) -> Result<Tensor> {
+        self.autoencoder.encode_latent(lq, draw)?.to_dtype(DType::F32)
+    }
+
+    /// Euler sampling from `initial_latents` (noise at σ = 1, shaped like `z_lq`).
+    /// `on_step` runs after every step; returning an error aborts sampling (cancellation).
+    pub fn denoise(
+        &self,
+        z_lq: &Tensor,
+        initial_latents: &Tensor,
+        prompt_embeds: &Tensor,
+        pooled: &Tensor,
+        opts: &SamplerOptions,
+        on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
+    ) -> Result<Tensor> {
+        if z_lq.dims() != initial_latents.dims() {
+            candle_core::bail!("initial latents {:?} do not match z_lq {:?}", initial_latents.dims(), z_lq.dims());
+        }
+        let (b, _, h, w) = z_lq.dims4()?;
+        let tr = self.transformer;
+        let dev = tr.device();
+        let dt = tr.dtype();
+        let mut sched = FlowMatchEulerScheduler::new(self.scheduler.clone());
+        sched.set_timesteps(opts.steps);
+        let cfg = opts.guidance_scale > 1.0;
+
+        let z_lq = z_lq.to_device(dev)?.to_dtype(dt)?;
+        let pe = prompt_embeds.to_device(dev)?.to_dtype(dt)?;
+        let pp = pooled.to_device(dev)?.to_dtype(dt)?;
+        if pe.dim(0)? != b || pp.dim(0)? != b {
+            candle_core::bail!("prompt batch {} / pooled batch {} != latent batch {b}", pe.dim(0)?, pp.dim(0)?);
+        }
+        // Conditioning for one transformer call on `n` latents of batch `b` each:
+        // [uncond (zeros); cond] when guided.
+        let embeds = |n: usize| -> Result<(Tensor, Tensor)> {
+            let rep = |t: &Tensor| -> Result<Tensor> {
+                if n == 1 { Ok(t.clone()) } else { Tensor::cat(&vec![t.clone(); n], 0) }
+            };
+            let (e, p) = (rep(&pe)?, rep(&pp)?);
+            if cfg {
+                Ok((Tensor::cat(&[&e.zeros_like()?, &e], 0)?, Tensor::cat(&[&p.zeros_like()?, &p], 0)?))
+            } else {
+                Ok((e, p))
+            }
+        };
+        let dup = |t: &Tensor| -> Result<Tensor> { if cfg { Tensor::cat(&[t, t], 0) } else { Ok(t.clone()) } };
+        let combine = |v: Tensor| -> Result<Tensor> {
+            if cfg {
+                let n = v.dim(0)? / 2;
+                guidance(&v.narrow(0, 0, n)?, &v.narrow(0, n, n)?, opts.guidance_scale)
+            } else {
+                Ok(v)
+            }
+        };
+
+        // Windows and control features are constant across steps: compute them once.
+        let windows = match opts.tiling {
+            Some(t) if t.needs_tiling(h, w) => Some((tile_windows(h, w, &t)?, t.batch.max(1))),
+            _ => None,
+        };
+        let control: Vec<Tensor> = match &windows {
+            None => vec![tr.control_features(&z_lq)?],
+            Some((wins, _)) => wins.iter().map(|t| tr.control_features(&t.crop(&z_lq)?)).collect::<Result<_>>()?,
+        };
+        let full_embeds = embeds(1)?;
+
+        let mut x = initial_latents.to_device(dev)?.to_dtype(DType::F32)?;
+        let total = sched.num_steps();
+        for i in 0..total {
+            let t = sched.timesteps()[i];
+            let v = match &windows {
+                None => {
+                    let inp = dup(&x)?;
+                    let ts = Tensor::full(t, inp.dim(0)?, dev)?;
+                    let (e, p) = &full_embeds;
+                    combine(tr.forward_with_control(&inp, &dup(&control[0])?, e, p, &ts)?)?
+                }
+                Some((wins, batch)) => blend_tiles(&x, wins, *batch, |idx, tiles| {
+                    let n = idx.len();
+                    let ctl = Tensor::cat(&idx.iter().map(|&k| control[k].clone()).collect::<Vec<_>>(), 0)?;
+                    let inp = dup(tiles)?;
+                    let ts = Tensor::full(t, inp.dim(0)?, dev)?;
+                    let (e, p) = embeds(n)?;
+                    combine(tr.forward_with_control(&inp, &dup(&ctl)?, &e, &p, &ts)?)
+                })?,
+            };
+            let v = v.to_dtype(DType::F32)?;
+            let next = sched.step(&v, i, &x)?;
+            on_step(&StepInfo { index: i, total, timestep: t, model_input: &x, velocity: &v, latents: &next })?;
+            x = next;
+        }
+        Ok(x)
+    }
+
+    /// Decode model-space latents to an image (NCHW, about [-1, 1], f32).
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.autoencoder.decode_latent(latents)?.to_dtype(DType::F32)
+    }
+
+    /// The whole one-image pipeline: encode the LQ, sample, decode.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore(
+        &self,
+        lq: &Tensor,
+        prompt_embeds: &Tensor,
+        pooled: &Tensor,
+        initial_latents: &Tensor,
+        draw: &LatentDraw,
+        opts: &SamplerOptions,
+        on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
+    ) -> Result<RestoreOutput> {
+        let (_, _, h, w) = lq.dims4()?;
+        self.latent_shape(w, h)?;
+        let z_lq = self.encode_lq(lq, draw)?;
+        let final_latents = self.denoise(&z_lq, initial_latents, prompt_embeds, pooled, opts, on_step)?;
+        let decoded = self.decode(&final_latents)?;
+        Ok(RestoreOutput { z_lq, final_latents, decoded })
+    }
+}
+
+/// diffusers `VaeImageProcessor.postprocess(output_type="pil")` for one image: NCHW [-1, 1] →
+/// `(x/2 + 0.5).clamp(0, 1)·255`, rounded half to even (numpy `round`) → uint8 `[H, W, 3]`.
+pub fn postprocess_uint8(decoded: &Tensor) -> Result<Tensor> {
+    let img = if decoded.rank() == 4 { decoded.squeeze(0)? } else { decoded.clone() };
+    let x = ((img.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.permute((1, 2, 0))?.contiguous()?;
+    let dims = x.dims().to_vec();
+    let v: Vec<u8> =
+        x.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|p| (p * 255.0).round_ties_even() as u8).collect();
+    Tensor::from_vec(v, dims, &candle_core::Device::Cpu)
+}

@@ -129,3 +129,40 @@ impl Default for FlowMatchEulerScheduler {
 pub fn guidance(uncond: &Tensor, cond: &Tensor, scale: f64) -> Result<Tensor> {
     uncond + ((cond - uncond)? * scale)?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sd3_schedule() {
+        let mut s = FlowMatchEulerScheduler::default();
+        s.set_timesteps(4);
+        assert_eq!(s.timesteps()[0], 1000.0);
+        assert!((s.timesteps()[1] - 857.6923).abs() < 1e-3);
+        assert!((s.timesteps()[3] - 8.9286).abs() < 1e-3);
+        s.set_timesteps(28);
+        assert_eq!(s.sigmas().len(), 29);
+        assert_eq!(s.sigmas()[0], 1.0);
+        assert!((s.sigmas()[1] - 0.98738).abs() < 1e-5);
+        assert!((s.sigmas()[27] - 0.00893).abs() < 1e-5);
+        assert_eq!(s.sigmas()[28], 0.0);
+        s.set_timesteps(1);
+        assert_eq!((s.timesteps(), s.sigmas()), (&[1000.0f32][..], &[1.0f32, 0.0][..]));
+    }
+
+    #[test]
+    fn last_step_lands_on_the_prediction() -> Result<()> {
+        // At σ → 0 flow matching gives x0 = x − σ·v.
+        let dev = candle_core::Device::Cpu;
+        let mut s = FlowMatchEulerScheduler::default();
+        s.set_timesteps(1);
+        let x = Tensor::new(&[1.0f32, -2.0], &dev)?;
+        let v = Tensor::new(&[0.5f32, 0.25], &dev)?;
+        assert_eq!(s.step(&v, 0, &x)?.to_vec1::<f32>()?, vec![0.5, -2.25]);
+        assert!(s.step(&v, 1, &x).is_err());
+        let g = guidance(&x, &v, 2.0)?.to_vec1::<f32>()?;
+        assert_eq!(g, vec![0.0, 2.5]);
+        Ok(())
+    }
+}

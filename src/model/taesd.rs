@@ -11,7 +11,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
 use super::autoencoder::{Autoencoder, LatentDraw};
-use super::vae::{TileConfig, tiled_map};
+use super::vae::{TileConfig, tiled_decode, tiled_encode};
 
 /// Shape of a TAESD-family model (the defaults are TAESD3's; diffusers `AutoencoderTiny`
 /// config names, unknown keys ignored).
@@ -219,17 +219,14 @@ impl Taesd {
 
     fn encode_auto(&self, x01: &Tensor) -> Result<Tensor> {
         match self.tiling {
-            Some(t) => {
-                let ds = self.cfg.downscale();
-                tiled_map(x01, t.tile * ds, t.overlap * ds, 1, ds, |x| self.encode(x))
-            }
+            Some(t) => tiled_encode(x01, t, self.cfg.downscale(), |x| self.encode(x)),
             None => self.encode(x01),
         }
     }
 
     fn decode_auto(&self, z: &Tensor) -> Result<Tensor> {
         match self.tiling {
-            Some(t) => tiled_map(z, t.tile, t.overlap, self.cfg.downscale(), 1, |z| self.decode(z)),
+            Some(t) => tiled_decode(z, t, self.cfg.downscale(), |z| self.decode(z)),
             None => self.decode(z),
         }
     }
@@ -259,9 +256,10 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// TAESD's receptive field is bounded (no GroupNorm, no attention), so tiled decoding of
-    /// the real TAESD3 weights on the `taesd3` fixture latent (32×24, 16-latent tiles,
-    /// overlap 8) stays within [`TILED_TAESD_TOL`] of untiled (pixels in [0, 1]).
+    /// TAESD's receptive field is bounded (≈ 18 latents; no GroupNorm, no attention), so
+    /// with a 20-latent halo tiled equals untiled up to float rounding: real TAESD3 weights,
+    /// the `taesd3` fixture (32×24 latent, 16-latent cores, overlap 4), bound
+    /// [`TILED_TAESD_TOL`].
     /// Skipped (passes with a note) when the shared weights are absent.
     #[test]
     fn tiled_decode_close_to_untiled() -> Result<()> {
@@ -282,18 +280,18 @@ mod tests {
         let io = candle_core::safetensors::load(io, &dev)?;
         let z = &io["latent"];
         let x = &io["image_in_0_1"];
-        let t = TileConfig { tile: 16, overlap: 8 };
+        let t = TileConfig { tile: 16, overlap: 4, halo: 20 };
         let ds = m.config().downscale();
         let full = m.decode(z)?;
-        let tiled = tiled_map(z, t.tile, t.overlap, ds, 1, |z| m.decode(z))?;
+        let tiled = tiled_decode(z, t, ds, |z| m.decode(z))?;
         let dd = (full - tiled)?.abs()?.max_all()?.to_scalar::<f32>()?;
         let ze = m.encode(x)?;
-        let zt = tiled_map(x, t.tile * ds, t.overlap * ds, 1, ds, |x| m.encode(x))?;
+        let zt = tiled_encode(x, t, ds, |x| m.encode(x))?;
         let de = (ze - zt)?.abs()?.max_all()?.to_scalar::<f32>()?;
         eprintln!("TAESD3 tiled vs untiled: encode max {de:.3e}, decode max {dd:.3e}");
         assert!(dd < TILED_TAESD_TOL && de < TILED_TAESD_TOL, "decode {dd}, encode {de}");
         Ok(())
     }
 
-    const TILED_TAESD_TOL: f32 = 0.02;
+    const TILED_TAESD_TOL: f32 = 1e-4;
 }

@@ -495,9 +495,9 @@ impl DpirTransformer {
         if t.dim(0)? != b {
             candle_core::bail!("timestep has {} values for a batch of {b}", t.dim(0)?);
         }
-        let sdt = if dt == DType::F64 { DType::F64 } else { DType::F32 };
-        let freqs = Tensor::new(self.freqs.as_slice(), t.device())?.to_dtype(sdt)?;
-        let arg = t.to_dtype(sdt)?.unsqueeze(1)?.broadcast_mul(&freqs.unsqueeze(0)?)?;
+        // diffusers computes the sinusoid in f32 whatever the model dtype (`timesteps.float()`).
+        let freqs = Tensor::new(self.freqs.as_slice(), t.device())?;
+        let arg = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs.unsqueeze(0)?)?;
         // flip_sin_to_cos: [cos, sin]
         let proj = Tensor::cat(&[arg.cos()?, arg.sin()?], 1)?.to_dtype(dt)?;
         let te = self.t_linear_2.forward(&self.t_linear_1.forward(&proj)?.silu()?)?;
@@ -634,4 +634,30 @@ fn align(c: &Tensor, h: &Tensor) -> Result<Tensor> {
     let (mh, sh) = stats(h)?;
     let gain = sh.broadcast_div(&(sc + ALIGN_EPS)?)?;
     c.to_dtype(sdt)?.broadcast_sub(&mc)?.broadcast_mul(&gain)?.broadcast_add(&mh)?.to_dtype(dt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_parses_diffusers_json() {
+        // SD3-medium `transformer/config.json` (diffusers keys; unknown ones ignored).
+        let j = r#"{"_class_name":"SD3Transformer2DModel","_diffusers_version":"0.29.0.dev0",
+            "attention_head_dim":64,"caption_projection_dim":1536,"in_channels":16,
+            "joint_attention_dim":4096,"num_attention_heads":24,"num_layers":24,"out_channels":16,
+            "patch_size":2,"pooled_projection_dim":2048,"pos_embed_max_size":192,"sample_size":128}"#;
+        let c: DpirTransformerConfig = serde_json::from_str(j).unwrap();
+        assert_eq!(c, DpirTransformerConfig::sd3_medium());
+        assert_eq!(c.inner_dim(), 1536);
+    }
+
+    #[test]
+    fn timestep_frequencies_follow_diffusers() {
+        // exponent = -ln(1e4)·i/128: first 1, last 10000^(-127/128).
+        let neg_ln = -(10000f64.ln()) as f32;
+        let f: Vec<f32> = (0..128).map(|i| ((neg_ln * i as f32) / 128.0).exp()).collect();
+        assert_eq!(f[0], 1.0);
+        assert!((f[127] as f64 - 10000f64.powf(-127.0 / 128.0)).abs() < 1e-9);
+    }
 }

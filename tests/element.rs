@@ -1,0 +1,435 @@
+//! `dpirrestore` as a GStreamer element, driven by `gst_check::Harness` with test engines
+//! (the engines are in this file: they upscale by nearest neighbour, optionally slowly, or
+//! fail on purpose). The real DPIR engine is exercised by `tests/pipeline.rs`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use gst::prelude::*;
+use gst_check::Harness;
+use gstdpir::dpirrestore::DpirRestore;
+use gstdpir::engine::{
+    EngineError, EngineSettings, FrameContext, Image, RestoreEngine, StreamInfo, upscale_nearest,
+};
+
+fn init() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        gst::init().unwrap();
+        gstdpir::plugin_register_static().expect("register dpir plugin");
+    });
+}
+
+/// Nearest-neighbour "restoration", with an optional per-frame delay and shared counters.
+struct TestEngine {
+    scale: usize,
+    delay: Duration,
+    fail_at: Option<u64>,
+    calls: Arc<AtomicUsize>,
+    contexts: Arc<Mutex<Vec<FrameContext>>>,
+}
+
+impl RestoreEngine for TestEngine {
+    fn configure(&mut self, info: &StreamInfo) -> Result<(), EngineError> {
+        self.scale = info.scale;
+        Ok(())
+    }
+    fn restore(&mut self, frame: &Image, ctx: &FrameContext) -> Result<Image, EngineError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.contexts.lock().unwrap().push(ctx.clone());
+        if Some(ctx.index) == self.fail_at {
+            return Err(EngineError::Runtime(format!("test engine: failing on frame {} as asked", ctx.index)));
+        }
+        std::thread::sleep(self.delay);
+        Ok(upscale_nearest(frame, self.scale))
+    }
+    fn latency(&self) -> Option<Duration> {
+        Some(Duration::from_millis(40))
+    }
+}
+
+#[derive(Clone, Default)]
+struct Probe {
+    calls: Arc<AtomicUsize>,
+    contexts: Arc<Mutex<Vec<FrameContext>>>,
+}
+
+fn element_with_test_engine(delay_ms: u64, fail_at: Option<u64>) -> (gst::Element, Probe) {
+    init();
+    let element = gst::ElementFactory::make("dpirrestore").build().unwrap();
+    let probe = Probe::default();
+    let p = probe.clone();
+    element.downcast_ref::<DpirRestore>().unwrap().set_engine_factory(move |_s: &EngineSettings| {
+        Ok(Box::new(TestEngine {
+            scale: 1,
+            delay: Duration::from_millis(delay_ms),
+            fail_at,
+            calls: p.calls.clone(),
+            contexts: p.contexts.clone(),
+        }) as Box<dyn RestoreEngine>)
+    });
+    (element, probe)
+}
+
+fn caps(format: &str, w: i32, h: i32) -> gst::Caps {
+    gst::Caps::builder("video/x-raw")
+        .field("format", format)
+        .field("width", w)
+        .field("height", h)
+        .field("framerate", gst::Fraction::new(25, 1))
+        .field("pixel-aspect-ratio", gst::Fraction::new(1, 1))
+        .field("interlace-mode", "progressive")
+        .build()
+}
+
+/// An RGB frame with a recognisable pattern, padded rows (stride multiple of 4).
+fn rgb_buffer(w: usize, h: usize, i: u64) -> gst::Buffer {
+    let info = gst_video::VideoInfo::builder(gst_video::VideoFormat::Rgb, w as u32, h as u32).build().unwrap();
+    let stride = info.stride()[0] as usize;
+    let mut data = vec![0u8; info.size()];
+    for y in 0..h {
+        for x in 0..w * 3 {
+            data[y * stride + x] = ((x + y * 7 + i as usize * 13) % 256) as u8;
+        }
+    }
+    let mut buf = gst::Buffer::from_mut_slice(data);
+    {
+        let b = buf.get_mut().unwrap();
+        b.set_pts(gst::ClockTime::from_mseconds(40 * i));
+        b.set_duration(gst::ClockTime::from_mseconds(40));
+        if i % 5 == 0 {
+            b.set_flags(gst::BufferFlags::DISCONT);
+        }
+    }
+    buf
+}
+
+fn harness(element: &gst::Element) -> Harness {
+    let mut h = Harness::with_element(element, Some("sink"), Some("src"));
+    h.play();
+    h
+}
+
+#[test]
+fn test_engine_caps_scale_output_size_in_both_directions() {
+    for scale in [1u32, 2, 4] {
+        let (element, _) = element_with_test_engine(0, None);
+        element.set_property("scale", scale);
+        let mut h = harness(&element);
+        // Upstream → downstream: fixed input gives input × scale.
+        h.set_src_caps(caps("RGB", 30, 20));
+        h.push(rgb_buffer(30, 20, 0)).unwrap();
+        let out = h.pull().unwrap();
+        let out_caps = h.sinkpad().unwrap().current_caps().unwrap();
+        let s = out_caps.structure(0).unwrap();
+        assert_eq!(s.get::<i32>("width").unwrap(), 30 * scale as i32, "scale {scale}");
+        assert_eq!(s.get::<i32>("height").unwrap(), 20 * scale as i32, "scale {scale}");
+        assert_eq!(s.get::<gst::Fraction>("pixel-aspect-ratio").unwrap(), gst::Fraction::new(1, 1));
+        let info = gst_video::VideoInfo::from_caps(&out_caps).unwrap();
+        assert_eq!(out.size(), info.size());
+
+        // Downstream → upstream: a fixed downstream size constrains the input to size / scale.
+        let (element, _) = element_with_test_engine(0, None);
+        element.set_property("scale", scale);
+        let mut h = Harness::with_element(&element, Some("sink"), Some("src"));
+        h.set_sink_caps(caps("RGB", 64, 48));
+        let upstream = element.static_pad("sink").unwrap().query_caps(None);
+        let s = upstream.structure(0).unwrap();
+        assert_eq!(s.get::<i32>("width").unwrap(), 64 / scale as i32, "scale {scale}: {upstream}");
+        assert_eq!(s.get::<i32>("height").unwrap(), 48 / scale as i32, "scale {scale}: {upstream}");
+        // And the source side offers the scaled upstream range.
+        let downstream = element.static_pad("src").unwrap().query_caps(None);
+        assert!(!downstream.is_empty());
+    }
+}
+
+#[test]
+fn test_engine_downstream_size_not_divisible_by_scale_is_refused_upstream() {
+    let (element, _) = element_with_test_engine(0, None);
+    element.set_property("scale", 4u32);
+    let mut h = Harness::with_element(&element, Some("sink"), Some("src"));
+    h.set_sink_caps(caps("RGB", 66, 48));
+    let upstream = element.static_pad("sink").unwrap().query_caps(None);
+    assert!(upstream.is_empty(), "66 px is not a multiple of 4: {upstream}");
+}
+
+#[test]
+fn test_engine_interlaced_caps_are_refused_with_a_message_naming_deinterlace() {
+    let (element, _) = element_with_test_engine(0, None);
+    let bus = gst::Bus::new();
+    element.set_bus(Some(&bus));
+    let mut h = harness(&element);
+    let interlaced = gst::Caps::builder("video/x-raw")
+        .field("format", "RGB")
+        .field("width", 32)
+        .field("height", 32)
+        .field("framerate", gst::Fraction::new(25, 1))
+        .field("interlace-mode", "interleaved")
+        .build();
+    // The caps event fails and the element explains why.
+    h.push_event(gst::event::StreamStart::new("s"));
+    // (A sticky event's push result reflects storage, not acceptance: check the bus.)
+    h.push_event(gst::event::Caps::new(&interlaced));
+    let msg = bus.timed_pop_filtered(gst::ClockTime::from_seconds(5), &[gst::MessageType::Error]).expect("error message");
+    let gst::MessageView::Error(err) = msg.view() else { unreachable!() };
+    assert!(err.error().to_string().contains("deinterlace"), "{}", err.error());
+}
+
+#[test]
+fn test_engine_every_buffer_out_with_same_timestamps_and_flags_across_eos() {
+    // A slow engine and a deep queue: EOS arrives while frames are still queued.
+    let (element, probe) = element_with_test_engine(30, None);
+    element.set_property("max-inflight", 8u32);
+    let mut h = harness(&element);
+    h.set_src_caps(caps("RGB", 17, 9)); // odd sizes
+    let n = 8u64;
+    let inputs: Vec<gst::Buffer> = (0..n).map(|i| rgb_buffer(17, 9, i)).collect();
+    for b in &inputs {
+        h.push(b.clone()).unwrap();
+    }
+    assert!(h.push_event(gst::event::Eos::new()));
+    for (i, inbuf) in inputs.iter().enumerate() {
+        let out = h.pull().unwrap_or_else(|_| panic!("frame {i} missing"));
+        assert_eq!(out.pts(), inbuf.pts(), "frame {i}");
+        assert_eq!(out.duration(), inbuf.duration(), "frame {i}");
+        assert_eq!(out.flags(), inbuf.flags(), "frame {i}");
+    }
+    // EOS comes after every frame.
+    loop {
+        let ev = h.pull_event().unwrap();
+        if ev.type_() == gst::EventType::Eos {
+            break;
+        }
+    }
+    assert!(h.try_pull().is_none());
+    assert_eq!(probe.calls.load(Ordering::SeqCst), n as usize);
+}
+
+#[test]
+fn test_engine_output_pixels_follow_the_plane_stride() {
+    let (element, _) = element_with_test_engine(0, None);
+    element.set_property("scale", 2u32);
+    let mut h = harness(&element);
+    h.set_src_caps(caps("RGB", 5, 3)); // 15 bytes per row, stride 16
+    let inbuf = rgb_buffer(5, 3, 2);
+    let out = h.push_and_pull(inbuf.clone()).unwrap();
+    let in_info = gst_video::VideoInfo::builder(gst_video::VideoFormat::Rgb, 5, 3).build().unwrap();
+    let out_info = gst_video::VideoInfo::builder(gst_video::VideoFormat::Rgb, 10, 6).build().unwrap();
+    let (is, os) = (in_info.stride()[0] as usize, out_info.stride()[0] as usize);
+    let inmap = inbuf.map_readable().unwrap();
+    let outmap = out.map_readable().unwrap();
+    for y in 0..6 {
+        for x in 0..10 {
+            for c in 0..3 {
+                assert_eq!(outmap[y * os + x * 3 + c], inmap[(y / 2) * is + (x / 2) * 3 + c], "({x},{y},{c})");
+            }
+        }
+    }
+}
+
+#[test]
+fn test_engine_flush_discards_queued_frames_and_later_frames_all_come_out() {
+    let (element, probe) = element_with_test_engine(50, None);
+    element.set_property("max-inflight", 4u32);
+    let mut h = harness(&element);
+    h.set_src_caps(caps("RGB", 16, 16));
+    for i in 0..4 {
+        h.push(rgb_buffer(16, 16, i)).unwrap();
+    }
+    // Seek-style flush while frames are queued.
+    assert!(h.push_event(gst::event::FlushStart::new()));
+    assert!(h.push_event(gst::event::FlushStop::new(true)));
+    // Drain whatever made it out before the flush.
+    while h.try_pull().is_some() {}
+    let before = probe.calls.load(Ordering::SeqCst);
+    assert!(before < 4, "flush should discard queued frames, {before} were processed");
+
+    let mut seg = gst::FormattedSegment::<gst::ClockTime>::new();
+    seg.set_start(gst::ClockTime::from_seconds(10));
+    h.push_event(gst::event::Segment::new(&seg));
+    let later: Vec<gst::Buffer> = (250..256).map(|i| rgb_buffer(16, 16, i)).collect();
+    for b in &later {
+        h.push(b.clone()).unwrap();
+    }
+    h.push_event(gst::event::Eos::new());
+    for b in &later {
+        let out = h.pull().unwrap();
+        assert_eq!(out.pts(), b.pts(), "no frame from before the flush may leak after it");
+    }
+    // The first frame after the flush starts a new clip.
+    let ctxs = probe.contexts.lock().unwrap();
+    let first_after = &ctxs[ctxs.len() - later.len()];
+    assert!(first_after.new_clip.is_some());
+    assert_eq!(first_after.index, 0);
+}
+
+#[test]
+fn test_engine_caps_change_mid_stream_renegotiates_the_output_size() {
+    let (element, _) = element_with_test_engine(0, None);
+    element.set_property("scale", 2u32);
+    let mut h = harness(&element);
+    h.set_src_caps(caps("RGB", 16, 8));
+    for i in 0..3 {
+        let out = h.push_and_pull(rgb_buffer(16, 8, i)).unwrap();
+        assert_eq!(out.size(), gst_video::VideoInfo::from_caps(&caps("RGB", 32, 16)).unwrap().size());
+    }
+    h.set_src_caps(caps("RGB", 24, 12));
+    for i in 3..6 {
+        let out = h.push_and_pull(rgb_buffer(24, 12, i)).unwrap();
+        let cur = h.sinkpad().unwrap().current_caps().unwrap();
+        assert_eq!(cur.structure(0).unwrap().get::<i32>("width").unwrap(), 48);
+        assert_eq!(out.size(), gst_video::VideoInfo::from_caps(&cur).unwrap().size());
+    }
+}
+
+#[test]
+fn test_engine_latency_query_adds_processing_time() {
+    let (element, _) = element_with_test_engine(0, None);
+    let mut h = harness(&element);
+    h.set_upstream_latency(gst::ClockTime::from_mseconds(10));
+    h.set_src_caps(caps("RGB", 8, 8));
+    h.push_and_pull(rgb_buffer(8, 8, 0)).unwrap();
+    let latency = h.query_latency().expect("latency answered");
+    // 10 ms upstream + the engine's 40 ms per frame.
+    assert_eq!(latency, gst::ClockTime::from_mseconds(50));
+}
+
+#[test]
+fn test_engine_failure_becomes_an_element_error_not_a_panic() {
+    let (element, _) = element_with_test_engine(0, Some(2));
+    let bus = gst::Bus::new();
+    element.set_bus(Some(&bus));
+    let mut h = harness(&element);
+    h.set_src_caps(caps("RGB", 8, 8));
+    h.push(rgb_buffer(8, 8, 0)).unwrap();
+    h.push(rgb_buffer(8, 8, 1)).unwrap();
+    h.push(rgb_buffer(8, 8, 2)).unwrap();
+    let msg = bus.timed_pop_filtered(gst::ClockTime::from_seconds(5), &[gst::MessageType::Error]).expect("error");
+    let gst::MessageView::Error(err) = msg.view() else { unreachable!() };
+    assert!(err.error().to_string().contains("failing on frame 2"), "{}", err.error());
+    // Upstream learns it on its next push.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(h.push(rgb_buffer(8, 8, 3)), Err(gst::FlowError::Error));
+}
+
+#[test]
+fn test_engine_load_failure_is_an_element_error_and_the_pipeline_ends() {
+    init();
+    let pipeline = gst::parse::launch("videotestsrc num-buffers=3 ! video/x-raw,format=RGB,width=32,height=32 ! dpirrestore name=d ! fakesink")
+        .unwrap()
+        .downcast::<gst::Pipeline>()
+        .unwrap();
+    let d = pipeline.by_name("d").unwrap();
+    d.downcast_ref::<DpirRestore>().unwrap().set_engine_factory(|_s: &EngineSettings| {
+        Err(EngineError::Model("model.json not found in /nonexistent: point `model` at a model directory".into()))
+    });
+    let _ = pipeline.set_state(gst::State::Playing);
+    let bus = pipeline.bus().unwrap();
+    let msg = bus
+        .timed_pop_filtered(gst::ClockTime::from_seconds(10), &[gst::MessageType::Error, gst::MessageType::Eos])
+        .expect("pipeline must end");
+    let gst::MessageView::Error(err) = msg.view() else { panic!("expected an error, got {msg:?}") };
+    assert!(err.error().to_string().contains("model.json not found"), "{}", err.error());
+    pipeline.set_state(gst::State::Null).unwrap();
+}
+
+#[test]
+fn test_engine_qos_skips_late_frames_only_when_enabled() {
+    for qos in [false, true] {
+        let (element, probe) = element_with_test_engine(0, None);
+        element.set_property("qos", qos);
+        let mut h = harness(&element);
+        h.set_src_caps(caps("RGB", 8, 8));
+        h.push_and_pull(rgb_buffer(8, 8, 0)).unwrap();
+        // Downstream says: everything before 10 s is late.
+        h.push_upstream_event(gst::event::Qos::new(
+            gst::QOSType::Underflow,
+            2.0,
+            0,
+            gst::ClockTime::from_seconds(10),
+        ));
+        for i in 1..5 {
+            h.push(rgb_buffer(8, 8, i)).unwrap();
+        }
+        h.push_event(gst::event::Eos::new());
+        let mut out = 0;
+        while h.pull_until_eos().ok().flatten().is_some() {
+            out += 1;
+        }
+        if qos {
+            assert_eq!(out, 0, "late frames are skipped with qos=true");
+            assert_eq!(probe.calls.load(Ordering::SeqCst), 1);
+        } else {
+            assert_eq!(out, 4, "no frame is dropped by default");
+        }
+    }
+}
+
+#[test]
+fn test_engine_progress_and_clip_messages_reach_the_bus() {
+    let (element, _) = element_with_test_engine(0, None);
+    let bus = gst::Bus::new();
+    element.set_bus(Some(&bus));
+    let mut h = harness(&element);
+    h.set_src_caps(caps("RGB", 8, 8));
+    for i in 0..3 {
+        h.push_and_pull(rgb_buffer(8, 8, i)).unwrap();
+    }
+    let mut progress = 0;
+    let mut clips = 0;
+    while let Some(msg) = bus.pop() {
+        if let Some(s) = msg.structure() {
+            match s.name().as_str() {
+                "dpir-progress" => {
+                    progress += 1;
+                    assert_eq!(s.get::<u64>("frames-done").unwrap(), progress);
+                    assert!(s.get::<f64>("fps").unwrap() > 0.0);
+                }
+                "dpir-clip" => {
+                    clips += 1;
+                    assert_eq!(s.get::<&str>("reason").unwrap(), "start");
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!((progress, clips), (3, 1));
+}
+
+#[test]
+fn test_engine_clip_event_from_an_application_starts_a_clip_with_its_prompt() {
+    let (element, probe) = element_with_test_engine(0, None);
+    let mut h = harness(&element);
+    h.set_src_caps(caps("RGB", 8, 8));
+    h.push_and_pull(rgb_buffer(8, 8, 0)).unwrap();
+    h.push_and_pull(rgb_buffer(8, 8, 0)).unwrap();
+    let s = gst::Structure::builder("dpir-clip").field("prompt", "a 1906 racing car").build();
+    assert!(h.push_event(gst::event::CustomDownstream::new(s)));
+    h.push_and_pull(rgb_buffer(8, 8, 0)).unwrap();
+    let ctxs = probe.contexts.lock().unwrap();
+    assert_eq!(ctxs[1].new_clip, None);
+    assert_eq!(ctxs[2].new_clip, Some(gstdpir::engine::ClipReason::Event));
+    assert_eq!(ctxs[2].clip_index, 1);
+    assert_eq!(ctxs[2].prompt, "a 1906 racing car");
+}
+
+#[test]
+fn every_property_has_a_blurb_for_gst_inspect() {
+    init();
+    let element = gst::ElementFactory::make("dpirrestore").build().unwrap();
+    let names: Vec<String> = element.list_properties().iter().map(|p| p.name().to_string()).collect();
+    for required in [
+        "model", "device", "precision", "steps", "seed", "prompt", "scale", "tile-size", "tile-overlap", "color-fix",
+        "lq-latent", "tiling", "noise", "max-inflight", "qos", "scene-threshold", "clip-max-frames",
+    ] {
+        assert!(names.iter().any(|n| n == required), "property {required} missing");
+    }
+    for p in element.list_properties() {
+        if p.owner_type() == DpirRestore::static_type() {
+            assert!(p.blurb().is_some_and(|b| b.len() > 10), "{} needs a blurb", p.name());
+        }
+    }
+    let factory = gst::ElementFactory::find("dpirrestore").unwrap();
+    assert_eq!(factory.metadata(gst::ELEMENT_METADATA_KLASS), Some("Filter/Effect/Video"));
+}
