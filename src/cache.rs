@@ -190,3 +190,50 @@ mod tests {
         assert_eq!(t.observe(&a, "x").1, None);
     }
 }
+
+/// How often each encoder ran: what the clip cache saves is visible here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub text_encodes: u64,
+    pub global_encodes: u64,
+    pub local_encodes: u64,
+    pub clips: u64,
+}
+
+/// What is computed once per clip and reused for each of its frames.
+#[derive(Debug, Default)]
+pub struct ClipCache {
+    pub clip_index: Option<u64>,
+    /// Global visual prompt of the clip's key frame (its first frame).
+    pub global: Option<crate::model::prompt::GlobalPrompt>,
+    /// The clip's initial noise field (`noise=per-clip`).
+    pub noise: Option<candle_core::Tensor>,
+    /// Text embeddings by prompt string: a prompt seen before costs nothing, across clips too.
+    text: std::collections::HashMap<String, candle_core::Tensor>,
+    pub stats: CacheStats,
+}
+
+impl ClipCache {
+    /// Forget the per-clip state (the text embeddings stay: they depend on the prompt only).
+    pub fn start_clip(&mut self, index: u64) {
+        self.clip_index = Some(index);
+        self.global = None;
+        self.noise = None;
+        self.stats.clips += 1;
+    }
+
+    /// The text embedding of `prompt`, computed with `f` the first time it is seen.
+    pub fn text<E>(
+        &mut self,
+        prompt: &str,
+        f: impl FnOnce(&str) -> Result<candle_core::Tensor, E>,
+    ) -> Result<candle_core::Tensor, E> {
+        if let Some(t) = self.text.get(prompt) {
+            return Ok(t.clone());
+        }
+        let t = f(prompt)?;
+        self.stats.text_encodes += 1;
+        self.text.insert(prompt.to_string(), t.clone());
+        Ok(t)
+    }
+}

@@ -1,20 +1,445 @@
-//! The DPIR engine behind the element: model directory → restored frames.
+//! The DPIR engine behind the element: a model directory (or the embedded dpir-nano) turned
+//! into restored frames, with the clip cache deciding what is computed once per clip.
+//!
+//! Per frame: LQ → bicubic upsample to the output size → pad to a multiple of 16 → local prompt
+//! → VAE encode → Euler sampling (latent tiles if large) → decode → colour fix → crop.
+//! Per clip (see [`crate::cache::ClipCache`]): text embedding, global visual prompt, noise.
 
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_distr::Distribution;
+
+use crate::cache::{CacheStats, ClipCache};
 use crate::engine::{EngineError, EngineSettings, FrameContext, Image, RestoreEngine, StreamInfo};
+use crate::model::autoencoder::{Autoencoder, LatentDraw};
+use crate::model::clip::{ClipVisionConfig, ClipVisionModel};
+use crate::model::color_fix::{self, ColorFix};
+use crate::model::loader::{AutoencoderSpec, LoadError, ModelFiles, ModelSource};
+use crate::model::pipeline::{DpirPipeline, SamplerOptions};
+use crate::model::preprocess::{RgbImage, resize_bicubic};
+use crate::model::prompt::{ImagePromptEncoder, PromptConfig, TilingMode, assemble};
+use crate::model::scheduler::FlowMatchEulerConfig;
+use crate::model::t5::{T5Config, T5EncoderModel, T5Tokenizer, TextEncoder};
+use crate::model::taesd::{Taesd, TaesdConfig};
+use crate::model::tiling::LatentTiling;
+use crate::model::transformer::{DpirTransformer, DpirTransformerConfig};
+use crate::model::vae::{AutoencoderKl, AutoencoderKlConfig, TileConfig};
 
-pub struct DpirEngine {}
+/// A loaded DPIR model: every component on one device in one dtype.
+pub struct DpirModel {
+    pub name: String,
+    pub files: ModelFiles,
+    pub transformer: DpirTransformer,
+    pub transformer_config: DpirTransformerConfig,
+    pub autoencoder: Box<dyn Autoencoder>,
+    pub image: ImagePromptEncoder,
+    pub text: Option<TextEncoder>,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+fn model_err(what: &str, files: &ModelFiles, e: impl std::fmt::Display) -> LoadError {
+    LoadError::Invalid(format!("{} ({}): {e}", what, files.source.describe()))
+}
+
+impl DpirModel {
+    /// Build every component from validated files.
+    pub fn load(source: ModelSource, device: &Device, dtype: DType, tiling: TilingMode) -> Result<Self, LoadError> {
+        let files = ModelFiles::open(source)?;
+        let m = files.manifest.clone();
+
+        let tcfg_json = files.config_json(&m.transformer.config)?;
+        let transformer_config: DpirTransformerConfig = serde_json::from_value(tcfg_json)
+            .map_err(|e| LoadError::Invalid(format!("{}: {e}", files.path(&m.transformer.config))))?;
+        let vb = files.var_builder(&m.transformer.weights, dtype, device)?;
+        let transformer = DpirTransformer::new(&transformer_config, vb)
+            .map_err(|e| model_err(&format!("transformer {}", m.transformer.weights.join(", ")), &files, e))?;
+
+        let autoencoder: Box<dyn Autoencoder> = match &m.vae {
+            AutoencoderSpec::AutoencoderKl { config, weights } => {
+                let cfg: AutoencoderKlConfig = serde_json::from_value(files.config_json(config)?)
+                    .map_err(|e| LoadError::Invalid(format!("{}: {e}", files.path(config))))?;
+                let vb = files.var_builder(weights, dtype, device)?;
+                Box::new(
+                    AutoencoderKl::new(&cfg, vb)
+                        .map_err(|e| model_err(&format!("vae {}", weights.join(", ")), &files, e))?
+                        .with_tiling(Some(TileConfig::default())),
+                )
+            }
+            AutoencoderSpec::Taesd { encoder, decoder } => {
+                let enc = files.var_builder(std::slice::from_ref(encoder), dtype, device)?;
+                let dec = files.var_builder(std::slice::from_ref(decoder), dtype, device)?;
+                Box::new(
+                    Taesd::new(&TaesdConfig::default(), Some(enc), Some(dec))
+                        .map_err(|e| model_err(&format!("taesd {encoder}, {decoder}"), &files, e))?
+                        .with_tiling(Some(TileConfig::default())),
+                )
+            }
+        };
+
+        let tower = |c: &crate::model::loader::Component, name: &str| -> Result<ClipVisionModel, LoadError> {
+            let cfg = ClipVisionConfig::from_json(&files.config_json(&c.config)?)
+                .map_err(|e| LoadError::Invalid(format!("{}: {e}", files.path(&c.config))))?;
+            let vb = files.var_builder(&c.weights, dtype, device)?;
+            ClipVisionModel::new(&cfg, vb).map_err(|e| model_err(&format!("{name} {}", c.weights.join(", ")), &files, e))
+        };
+        let one = tower(&m.image_encoder_one, "image_encoder_one")?;
+        let two = tower(&m.image_encoder_two, "image_encoder_two")?;
+        let prompt_cfg = PromptConfig {
+            tile_size: m.prompt.tile_size,
+            tile_stride: m.prompt.tile_stride,
+            clip_tokens: m.prompt.clip_tokens,
+            tiling,
+        };
+        let image = ImagePromptEncoder::new(one, two, prompt_cfg).map_err(|e| model_err("image encoders", &files, e))?;
+        if image.pooled_width() != transformer_config.pooled_projection_dim {
+            return Err(LoadError::Invalid(format!(
+                "image encoders give a pooled vector of {} (encoder one hidden + encoder two projection) but the \
+                 transformer's pooled_projection_dim is {}: the components do not belong together",
+                image.pooled_width(),
+                transformer_config.pooled_projection_dim
+            )));
+        }
+
+        let text = match &m.text_encoder {
+            None => None,
+            Some(t) => {
+                let cfg = T5Config::from_json(&files.config_json(&t.config)?)
+                    .map_err(|e| LoadError::Invalid(format!("{}: {e}", files.path(&t.config))))?;
+                let vb = files.var_builder(&t.weights, dtype, device)?;
+                let model = T5EncoderModel::new(&cfg, vb)
+                    .map_err(|e| model_err(&format!("text_encoder {}", t.weights.join(", ")), &files, e))?;
+                let tok_path = match &files.source {
+                    ModelSource::Dir(d) => d.join(&t.tokenizer),
+                    ModelSource::Embedded(_) => {
+                        return Err(LoadError::Invalid("embedded models cannot carry a tokenizer".into()));
+                    }
+                };
+                let tokenizer = T5Tokenizer::from_file(&tok_path, t.max_length)
+                    .map_err(|e| LoadError::Invalid(format!("{}: {e}", tok_path.display())))?;
+                Some(TextEncoder::new(model, tokenizer))
+            }
+        };
+        Ok(Self {
+            name: m.name.clone().unwrap_or_else(|| files.source.describe()),
+            files,
+            transformer,
+            transformer_config,
+            autoencoder,
+            image,
+            text,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The text part of the conditioning: T5 tokens, or zeros when the model has no T5
+    /// (DPIR's unconditional text input).
+    pub fn text_embedding(&self, prompt: &str) -> Result<Tensor> {
+        match &self.text {
+            Some(t) => t.embed(prompt),
+            None => {
+                let _ = prompt; // no text encoder: the prompt cannot be used
+                Ok(Tensor::zeros(
+                    (1, self.files.manifest.prompt.text_tokens, self.transformer_config.joint_attention_dim),
+                    self.dtype,
+                    &self.device,
+                )?)
+            }
+        }
+    }
+}
+
+/// Models shared between elements of one process: same directory, device, dtype → one copy.
+static MODELS: LazyLock<Mutex<HashMap<String, Weak<DpirModel>>>> = LazyLock::new(Default::default);
+
+fn parse_device(name: &str) -> Result<Device, EngineError> {
+    let name = name.trim().to_ascii_lowercase();
+    match name.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "auto" | "" => Ok(cuda_device(0).unwrap_or(Device::Cpu)),
+        s if s.starts_with("cuda") => {
+            let idx = s.strip_prefix("cuda").unwrap().trim_start_matches(':');
+            let idx: usize = if idx.is_empty() {
+                0
+            } else {
+                idx.parse().map_err(|_| EngineError::Settings(format!("device `{name}`: expected cuda:N")))?
+            };
+            cuda_device(idx).map_err(EngineError::Settings)
+        }
+        _ => Err(EngineError::Settings(format!("unknown device `{name}`: use cpu, cuda:N or auto"))),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(idx: usize) -> Result<Device, String> {
+    Device::new_cuda(idx).map_err(|e| format!("CUDA device {idx} is not usable: {e}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_idx: usize) -> Result<Device, String> {
+    Err("this build of gst-dpir has no CUDA support: rebuild with `--features cuda`, or use device=cpu".into())
+}
+
+fn parse_dtype(name: &str, device: &Device) -> Result<DType, EngineError> {
+    match name {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" if device.is_cpu() => Err(EngineError::Settings(
+            "precision=bf16 is not supported on the CPU (candle's CPU matmul has no bf16): use f32 or f16".into(),
+        )),
+        "bf16" => Ok(DType::BF16),
+        other => Err(EngineError::Settings(format!("unknown precision `{other}`: use f32, f16 or bf16"))),
+    }
+}
+
+/// Load (or reuse) the model the settings name.
+pub fn shared_model(settings: &EngineSettings) -> Result<Arc<DpirModel>, EngineError> {
+    let device = parse_device(&settings.device)?;
+    let dtype = parse_dtype(&settings.precision, &device)?;
+    let tiling = match settings.tiling.as_str() {
+        "reference" => TilingMode::Reference,
+        "corrected" => TilingMode::Corrected,
+        other => return Err(EngineError::Settings(format!("unknown tiling `{other}`"))),
+    };
+    let source = match &settings.model {
+        Some(dir) => ModelSource::Dir(dir.clone()),
+        None => ModelSource::embedded().ok_or_else(|| {
+            EngineError::Model(
+                "this build has no embedded model (weights/dpir-nano was missing at build time): set `model` \
+                 to a model directory"
+                    .into(),
+            )
+        })?,
+    };
+    let key = format!("{}|{:?}|{:?}|{:?}", source.describe(), device.location(), dtype, tiling);
+    let mut models = MODELS.lock().unwrap();
+    if let Some(m) = models.get(&key).and_then(Weak::upgrade) {
+        return Ok(m);
+    }
+    let model = Arc::new(DpirModel::load(source, &device, dtype, tiling).map_err(|e| EngineError::Model(e.to_string()))?);
+    models.insert(key, Arc::downgrade(&model));
+    Ok(model)
+}
+
+/// Standard-normal noise from a seed (reproducible across runs and devices).
+pub fn seeded_noise(shape: (usize, usize, usize, usize), seed: u64, device: &Device) -> candle_core::Result<Tensor> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = shape.0 * shape.1 * shape.2 * shape.3;
+    let v: Vec<f32> = (0..n).map(|_| rand_distr::StandardNormal.sample(&mut rng)).collect();
+    Tensor::from_vec(v, shape, device)
+}
+
+/// Mix a seed with stream positions so that each clip (and frame) gets its own noise.
+fn mix(seed: u64, a: u64, b: u64) -> u64 {
+    let mut x = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^ (x >> 29)
+}
+
+pub struct DpirEngine {
+    model: Arc<DpirModel>,
+    settings: EngineSettings,
+    info: Option<StreamInfo>,
+    cache: ClipCache,
+    color_fix: ColorFix,
+    sampler: SamplerOptions,
+    last_time: Option<Duration>,
+}
 
 impl DpirEngine {
-    pub fn load(_settings: &EngineSettings) -> Result<Self, EngineError> {
-        Err(EngineError::Model("DPIR engine: model loading is not wired yet".into()))
+    pub fn load(settings: &EngineSettings) -> Result<Self, EngineError> {
+        let model = shared_model(settings)?;
+        let color_fix: ColorFix = settings.color_fix.parse().map_err(EngineError::Settings)?;
+        if !matches!(settings.lq_latent.as_str(), "sample" | "mode") {
+            return Err(EngineError::Settings(format!("unknown lq-latent `{}`", settings.lq_latent)));
+        }
+        if !matches!(settings.noise.as_str(), "per-clip" | "per-frame") {
+            return Err(EngineError::Settings(format!("unknown noise `{}`", settings.noise)));
+        }
+        let tiling = LatentTiling { tile: settings.tile_size as usize, overlap: settings.tile_overlap as usize, batch: 1 };
+        tiling.validate().map_err(|e| EngineError::Settings(format!("tile-size/tile-overlap: {e}")))?;
+        Ok(Self {
+            model,
+            settings: settings.clone(),
+            info: None,
+            cache: ClipCache::default(),
+            color_fix,
+            sampler: SamplerOptions { steps: settings.steps as usize, guidance_scale: 1.0, tiling: Some(tiling) },
+            last_time: None,
+        })
+    }
+
+    pub fn model(&self) -> &Arc<DpirModel> {
+        &self.model
+    }
+
+    /// How often each encoder ran (the clip cache's savings).
+    pub fn stats(&self) -> CacheStats {
+        self.cache.stats
+    }
+
+    fn scheduler(&self) -> FlowMatchEulerConfig {
+        let s = &self.model.files.manifest.sampler;
+        FlowMatchEulerConfig { num_train_timesteps: s.num_train_timesteps, shift: s.shift }
+    }
+
+    /// Restore one RGB8 frame already at the output size. Public for tools that drive the model
+    /// without GStreamer (benchmarks, evaluation).
+    pub fn restore_rgb8(&mut self, up: &RgbImage, ctx: &FrameContext) -> Result<Image> {
+        let model = self.model.clone();
+        let m = 2 * model.autoencoder.downscale();
+        let (ow, oh) = (up.width, up.height);
+        let (pw, ph) = (ow.div_ceil(m) * m, oh.div_ceil(m) * m);
+        let padded = pad_edge(up, pw, ph);
+        let dev = &model.device;
+
+        // Per clip: global prompt from the key frame, noise field; per prompt string: text.
+        if ctx.new_clip.is_some() || self.cache.clip_index != Some(ctx.clip_index) {
+            self.cache.start_clip(ctx.clip_index);
+        }
+        if self.cache.global.is_none() {
+            self.cache.global = Some(model.image.global_prompt(up).context("global visual prompt")?);
+            self.cache.stats.global_encodes += 1;
+        }
+        let text = self.cache.text(&ctx.prompt, |p| model.text_embedding(p))?;
+        let local = model.image.local_prompt(up).context("local visual prompt")?;
+        self.cache.stats.local_encodes += 1;
+        let embeds = assemble(&local, self.cache.global.as_ref().unwrap(), &text, model.image.config.clip_tokens)?;
+
+        let lq = rgb8_to_tensor(&padded, dev)?; // [0,1]
+        let lq_pm = ((&lq * 2.0)? - 1.0)?.to_dtype(model.dtype)?;
+        let pipe = DpirPipeline::new(&model.transformer, model.autoencoder.as_ref(), self.scheduler());
+        let shape = pipe.latent_shape(pw, ph)?;
+        let seed = self.settings.seed;
+        let draw = if self.settings.lq_latent == "mode" {
+            LatentDraw::Mode
+        } else {
+            LatentDraw::Sample(seeded_noise(shape, mix(seed, ctx.clip_index, ctx.index.wrapping_add(1 << 40)), dev)?)
+        };
+        let z_lq = pipe.encode_lq(&lq_pm, &draw)?;
+        let noise = if self.settings.noise == "per-frame" {
+            seeded_noise(shape, mix(seed, ctx.clip_index, ctx.index + 1), dev)?
+        } else {
+            match &self.cache.noise {
+                Some(n) if n.dims4()? == shape => n.clone(),
+                _ => {
+                    let n = seeded_noise(shape, mix(seed, ctx.clip_index, 0), dev)?;
+                    self.cache.noise = Some(n.clone());
+                    n
+                }
+            }
+        };
+        let cancel = ctx.cancel.clone();
+        let mut on_step = |_: &crate::model::pipeline::StepInfo| -> candle_core::Result<()> {
+            if cancel.is_cancelled() { Err(candle_core::Error::Msg("cancelled".into())) } else { Ok(()) }
+        };
+        let latents = pipe.denoise(&z_lq, &noise, &embeds.prompt_embeds, &embeds.pooled, &self.sampler, &mut on_step)?;
+        let decoded = pipe.decode(&latents)?;
+        let out01 = ((decoded + 1.0)? / 2.0)?;
+        let fixed = color_fix::apply(self.color_fix, &out01, &lq)?.clamp(0f32, 1f32)?;
+        let fixed = fixed.narrow(2, 0, oh)?.narrow(3, 0, ow)?;
+        tensor_to_image(&fixed)
     }
 }
 
 impl RestoreEngine for DpirEngine {
-    fn configure(&mut self, _info: &StreamInfo) -> Result<(), EngineError> {
+    fn configure(&mut self, info: &StreamInfo) -> Result<(), EngineError> {
+        if ![1, 2, 4].contains(&info.scale) {
+            return Err(EngineError::Settings(format!("scale {} is not supported: use 1, 2 or 4", info.scale)));
+        }
+        if info.in_width < 8 || info.in_height < 8 {
+            return Err(EngineError::Stream(format!(
+                "{}x{} is too small: DPIR needs frames of at least 8×8 pixels",
+                info.in_width, info.in_height
+            )));
+        }
+        // A new size invalidates the noise field (its shape), not the prompts.
+        self.cache.noise = None;
+        self.info = Some(info.clone());
         Ok(())
     }
-    fn restore(&mut self, _frame: &Image, _ctx: &FrameContext) -> Result<Image, EngineError> {
-        Err(EngineError::Runtime("not wired".into()))
+
+    fn restore(&mut self, frame: &Image, ctx: &FrameContext) -> Result<Image, EngineError> {
+        let t0 = Instant::now();
+        let info = self.info.clone().ok_or_else(|| EngineError::Runtime("restore before configure".into()))?;
+        let lq = image_to_rgb8(frame);
+        let up = if info.scale > 1 {
+            resize_bicubic(&lq, info.out_width(), info.out_height()).map_err(|e| EngineError::Runtime(format!("{e:#}")))?
+        } else {
+            lq
+        };
+        let out = self.restore_rgb8(&up, ctx).map_err(|e| {
+            if ctx.cancel.is_cancelled() { EngineError::Cancelled } else { EngineError::Runtime(format!("DPIR: {e:#}")) }
+        })?;
+        self.last_time = Some(t0.elapsed());
+        Ok(out)
+    }
+
+    fn latency(&self) -> Option<Duration> {
+        self.last_time
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} on {:?} ({:?}), {} steps, colour fix {}",
+            self.model.name,
+            self.model.device.location(),
+            self.model.dtype,
+            self.sampler.steps,
+            self.color_fix
+        )
     }
 }
+
+/// Frames are f32 [0,1]; the CLIP pre-processing and bicubic resize work on 8-bit like PIL.
+pub fn image_to_rgb8(img: &Image) -> RgbImage {
+    let data = img.data.iter().map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
+    RgbImage { width: img.width, height: img.height, data }
+}
+
+/// Replicate the last row/column up to `w × h` (the model needs multiples of 16).
+fn pad_edge(img: &RgbImage, w: usize, h: usize) -> RgbImage {
+    if img.width == w && img.height == h {
+        return img.clone();
+    }
+    let mut data = vec![0u8; w * h * 3];
+    for y in 0..h {
+        let sy = y.min(img.height - 1);
+        for x in 0..w {
+            let sx = x.min(img.width - 1);
+            let s = (sy * img.width + sx) * 3;
+            data[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&img.data[s..s + 3]);
+        }
+    }
+    RgbImage { width: w, height: h, data }
+}
+
+/// RGB8 → NCHW f32 in [0, 1] (torchvision `ToTensor`).
+fn rgb8_to_tensor(img: &RgbImage, dev: &Device) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(img.data.clone(), (img.height, img.width, 3), dev)?
+        .permute((2, 0, 1))?
+        .unsqueeze(0)?
+        .to_dtype(DType::F32)?
+        / 255.0
+}
+
+fn tensor_to_image(t: &Tensor) -> Result<Image> {
+    let t = t.squeeze(0)?.permute((1, 2, 0))?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let (h, w, _) = t.dims3()?;
+    let data = t.flatten_all()?.to_vec1::<f32>()?;
+    Ok(Image { width: w, height: h, data })
+}
+
+const _: () = {
+    const fn send<T: Send>() {}
+    const fn send_sync<T: Send + Sync>() {}
+    send::<DpirEngine>();
+    send_sync::<DpirModel>();
+};

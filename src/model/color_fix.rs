@@ -65,10 +65,7 @@ pub const WAVELET_LEVELS: usize = 5;
 pub fn wavelet_blur(x: &Tensor, radius: usize) -> Result<Tensor> {
     let (_, c, _, _) = x.dims4()?;
     let k: [f32; 9] = [1. / 16., 1. / 8., 1. / 16., 1. / 8., 1. / 4., 1. / 8., 1. / 16., 1. / 8., 1. / 16.];
-    let kernel = Tensor::new(&k, x.device())?
-        .to_dtype(x.dtype())?
-        .reshape((1, 1, 3, 3))?
-        .repeat((c, 1, 1, 1))?;
+    let kernel = Tensor::new(&k, x.device())?.to_dtype(x.dtype())?.reshape((1, 1, 3, 3))?.repeat((c, 1, 1, 1))?;
     let padded = x.pad_with_same(D::Minus1, radius, radius)?.pad_with_same(D::Minus2, radius, radius)?;
     padded.contiguous()?.conv2d(&kernel, 0, 1, radius, c)
 }

@@ -207,13 +207,15 @@ impl Taesd {
 
     /// Reference `Encoder`: image in [0, 1] → latent (model space). Untiled.
     pub fn encode(&self, x01: &Tensor) -> Result<Tensor> {
-        let enc = self.encoder.as_ref().ok_or_else(|| candle_core::Error::Msg("TAESD: no encoder weights loaded".into()))?;
+        let enc =
+            self.encoder.as_ref().ok_or_else(|| candle_core::Error::Msg("TAESD: no encoder weights loaded".into()))?;
         x01.to_dtype(self.dtype)?.apply(enc)
     }
 
     /// Reference `Decoder`: latent → image in about [0, 1], **unclamped**. Untiled.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let dec = self.decoder.as_ref().ok_or_else(|| candle_core::Error::Msg("TAESD: no decoder weights loaded".into()))?;
+        let dec =
+            self.decoder.as_ref().ok_or_else(|| candle_core::Error::Msg("TAESD: no decoder weights loaded".into()))?;
         z.to_dtype(self.dtype)?.apply(dec)
     }
 

@@ -1,16 +1,15 @@
 //! `wavelet_color_fix`: StableSR wavelet and AdaIN colour fixes on real uint8 pairs,
 //! float results (before clamp) and the truncating uint8 conversion.
 use anyhow::Result;
-use gstdpir::model::color_fix::{
-    ColorFix, apply, from_uint8_hwc, to_uint8_hwc, wavelet_decomposition, WAVELET_LEVELS,
-};
+use gstdpir::model::color_fix::{ColorFix, WAVELET_LEVELS, apply, from_uint8_hwc, to_uint8_hwc, wavelet_decomposition};
 
 use crate::common::{Case, FLOAT, Produced, UINT8, produced};
 
 pub fn run(case: &Case) -> Result<Vec<Produced>> {
     let mut out = Vec::new();
     let mut i = 0;
-    while let (Ok(content), Ok(style)) = (case.io(&format!("content_uint8_{i}")), case.io(&format!("style_uint8_{i}"))) {
+    while let (Ok(content), Ok(style)) = (case.io(&format!("content_uint8_{i}")), case.io(&format!("style_uint8_{i}")))
+    {
         let c = from_uint8_hwc(&content)?;
         let s = from_uint8_hwc(&style)?;
         let wav = apply(ColorFix::Wavelet, &c, &s)?;

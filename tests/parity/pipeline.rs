@@ -112,6 +112,16 @@ pub fn run(case: &Case) -> Result<Vec<Produced>> {
     }
     ensure!(diff_stats(&stored, &case.io("final_latents")?)?.0 <= 2e-4, "sampling from the stored prompt drifts");
 
+    // Multi-tile sampling (2×2 tiles of 8 with overlap 4 on the 10×12 latent) and CFG: smoke
+    // checks of the paths the fixture does not cover (finite, right shape).
+    for (tiling, g) in [(Some(LatentTiling { tile: 8, overlap: 4, batch: 3 }), 1.0), (None, 2.0)] {
+        let o = SamplerOptions { tiling, guidance_scale: g, ..opts.clone() };
+        let x = pipe.denoise(&out.z_lq, &init, &pe.prompt_embeds, &pe.pooled, &o, &mut |_| Ok(()))?;
+        ensure!(x.dims() == init.dims(), "tiled/guided sampling changed the shape");
+        let m = x.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        ensure!(m.is_finite(), "tiled/guided sampling is not finite");
+    }
+
     let image_u8 = postprocess_uint8(&out.decoded)?;
     let fixed = color_fix_uint8(ColorFix::Wavelet, &image_u8, &lq_u8)?;
     Ok(vec![
