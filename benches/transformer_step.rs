@@ -30,7 +30,7 @@ fn random_weights(cfg: &DpirTransformerConfig, dev: &Device) -> Result<HashMap<S
         w.insert(name, t);
         Ok(())
     };
-    let mut lin = |put: &mut dyn FnMut(String, &[usize]) -> Result<()>, n: &str, o: usize, i: usize| -> Result<()> {
+    let lin = |put: &mut dyn FnMut(String, &[usize]) -> Result<()>, n: &str, o: usize, i: usize| -> Result<()> {
         put(format!("{n}.weight"), &[o, i])?;
         put(format!("{n}.bias"), &[o])
     };

@@ -405,7 +405,12 @@ impl DpirTransformer {
         let pvb = vb.pp("time_text_embed.text_embedder");
         let blocks = (0..cfg.num_layers)
             .map(|i| {
-                JointBlock::new(inner, cfg.num_attention_heads, i + 1 == cfg.num_layers, vb.pp(format!("transformer_blocks.{i}")))
+                JointBlock::new(
+                    inner,
+                    cfg.num_attention_heads,
+                    i + 1 == cfg.num_layers,
+                    vb.pp(format!("transformer_blocks.{i}")),
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         if cfg.caption_projection_dim != inner {
@@ -466,9 +471,7 @@ impl DpirTransformer {
         }
         let m = self.cfg.pos_embed_max_size;
         if h / p > m || w / p > m {
-            candle_core::bail!(
-                "{what}: latent {h}x{w} exceeds the position table ({m}x{m} patches); tile the latent"
-            );
+            candle_core::bail!("{what}: latent {h}x{w} exceeds the position table ({m}x{m} patches); tile the latent");
         }
         Ok((b, h, w))
     }

@@ -623,19 +623,14 @@ impl AutoencoderKl {
         Posterior::from_moments(&self.encode_moments(x)?)
     }
 
-    /// Tiled encode: the full-resolution down blocks run per tile (blended at latent
-    /// resolution); the mid block (global attention) and head run on the whole latent,
-    /// where memory is small (attention is chunked), so only the down blocks' GroupNorm
-    /// statistics are per tile.
+    /// Tiled encode, as diffusers' `enable_tiling()` (which the official pipeline turns on):
+    /// the whole encoder runs per tile with context around it, blended at latent resolution.
+    /// The mid-block attention is per tile too: over a whole 4K latent it would cost O(N²)
+    /// (~10¹³ FLOPs for SD3), far more than the transformer.
     pub fn encode_tiled(&self, x: &Tensor, t: TileConfig) -> Result<Posterior> {
         let ds = self.cfg.downscale();
         let x = x.to_dtype(self.dtype)?;
-        let h = tiled_encode(&x, t, ds, |xt| self.encoder.body(xt))?;
-        let m = self.encoder.head(&h)?;
-        let m = match &self.quant_conv {
-            Some(q) => m.apply(q)?,
-            None => m,
-        };
+        let m = tiled_encode(&x, t, ds, |xt| self.encode_moments(xt))?;
         Posterior::from_moments(&m)
     }
 
@@ -649,16 +644,10 @@ impl AutoencoderKl {
         z.apply(&self.decoder)
     }
 
-    /// Tiled decode of a raw latent: `conv_in` + mid block on the whole latent (global
-    /// attention kept), then the full-resolution up blocks per tile of `t`, blended.
+    /// Tiled decode of a raw latent: the whole decoder per tile (with context), blended;
+    /// see [`Self::encode_tiled`] for why attention is per tile.
     pub fn decode_tiled(&self, z: &Tensor, t: TileConfig) -> Result<Tensor> {
-        let z = z.to_dtype(self.dtype)?;
-        let z = match &self.post_quant_conv {
-            Some(p) => z.apply(p)?,
-            None => z,
-        };
-        let h = self.decoder.head(&z)?;
-        tiled_decode(&h, t, self.cfg.downscale(), |ht| self.decoder.body(ht))
+        tiled_decode(z, t, self.cfg.downscale(), |zt| self.decode(zt))
     }
 
     fn encode_auto(&self, x: &Tensor) -> Result<Posterior> {

@@ -23,13 +23,17 @@ pub fn run(case: &Case) -> Result<Vec<Produced>> {
     let tower = |name: &str| -> Result<ClipVisionModel> {
         ClipVisionModel::new(&ClipVisionConfig::from_json(case.library_config(name)?)?, case.var_builder(name)?)
     };
-    let image = ImagePromptEncoder::new(tower("image_encoder_one")?, tower("image_encoder_two")?, PromptConfig::default())?;
+    let image =
+        ImagePromptEncoder::new(tower("image_encoder_one")?, tower("image_encoder_two")?, PromptConfig::default())?;
     let prompt = case.cfg("/prompt")?.as_str().unwrap_or_default().to_string();
     crate::t5::check_tokenizer(case, std::slice::from_ref(&prompt), "t5_input_ids")?;
     let t5_len = case.io("t5_input_ids")?.dim(1)?;
     let rel = case.cfg("/tokenizer_files/tokenizer_json")?.as_str().unwrap_or_default();
     let text = TextEncoder::new(
-        T5EncoderModel::new(&T5Config::from_json(case.library_config("text_encoder_three")?)?, case.var_builder("text_encoder_three")?)?,
+        T5EncoderModel::new(
+            &T5Config::from_json(case.library_config("text_encoder_three")?)?,
+            case.var_builder("text_encoder_three")?,
+        )?,
         T5Tokenizer::from_file(case.dir.join(rel), t5_len)?,
     );
     let prompts = DualPromptEncoder { image, text };

@@ -1,0 +1,258 @@
+//! The real DPIR engine inside the element, from a model directory assembled from the tiny
+//! fixture weights: the 1906 film end to end, determinism, equality with the library, scale=2
+//! with latent tiling, a large still, and every kind of broken model directory.
+
+mod common;
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use common::*;
+use gst::prelude::*;
+use gstdpir::engine::{ClipReason, EngineSettings, FrameContext, RestoreEngine, StreamInfo};
+use gstdpir::restorer::DpirEngine;
+
+const FILM: &str = "Shepard_Calais_1906_FrenchGP.ogv";
+
+fn film_pipeline(model: &Path, extra: &str, frames: Option<u32>, sink: &str) -> gst::Pipeline {
+    // `videorate`-free: every decoded frame reaches dpirrestore; `identity` bounds the test's length.
+    let limit = frames.map(|n| format!("identity eos-after={n} ! ")).unwrap_or_default();
+    launch(&format!(
+        "filesrc location=\"{}\" ! decodebin ! videoconvert ! video/x-raw,format=RGB ! {limit}queue name=in ! \
+         dpirrestore name=d model=\"{}\" steps=2 lq-latent=mode seed=7 {extra} ! queue name=out ! {sink}",
+        media(FILM).display(),
+        model.display()
+    ))
+}
+
+fn frame_hashes(store: &[(gst::Buffer, gst::Caps)]) -> Vec<u64> {
+    store
+        .iter()
+        .map(|(b, _)| {
+            let mut h = DefaultHasher::new();
+            b.map_readable().unwrap().as_slice().hash(&mut h);
+            h.finish()
+        })
+        .collect()
+}
+
+#[test]
+fn fixture_model_restores_the_1906_film_frame_for_frame_and_deterministically() {
+    let model = fixture_model_dir("film", true);
+    let out = std::env::temp_dir().join(format!("dpir-film-{}.ogv", std::process::id()));
+    let p = film_pipeline(
+        &model,
+        "",
+        None,
+        &format!("identity name=o ! videoconvert ! theoraenc ! oggmux ! filesink location=\"{}\"", out.display()),
+    );
+    let n_in = count_buffers(&p, "in");
+    let first = capture(&p, "o", 400);
+    let t0 = std::time::Instant::now();
+    run_pipeline(&p).expect("film pipeline");
+    let secs = t0.elapsed().as_secs_f64();
+    let n_in = n_in.load(Ordering::SeqCst);
+    assert!(n_in > 400, "the whole film is decoded ({n_in} frames)");
+    assert_eq!(count_frames(&out), n_in, "one output frame per input frame");
+    eprintln!("film: {n_in} frames in {secs:.1} s ({:.1} frames/s), peak RSS {:.0} MiB", n_in as f64 / secs, peak_rss_mib());
+
+    // Same seed, lq-latent=mode: bit-identical output (first 60 frames).
+    let p2 = film_pipeline(&model, "", Some(60), "identity name=o ! fakesink");
+    let again = capture(&p2, "o", 400);
+    run_pipeline(&p2).unwrap();
+    let a = frame_hashes(&first.lock().unwrap()[..60]);
+    let b = frame_hashes(&again.lock().unwrap());
+    assert_eq!(a, b);
+    std::fs::remove_file(&out).ok();
+    std::fs::remove_dir_all(&model).ok();
+}
+
+#[test]
+fn element_output_equals_the_library_pipeline_on_the_first_frame() {
+    let model = fixture_model_dir("equal", true);
+    let p = film_pipeline(&model, "prompt=\"an old racing car\"", Some(1), "identity name=o ! fakesink");
+    let ins = capture(&p, "d", 1);
+    let outs = capture(&p, "o", 1);
+    run_pipeline(&p).unwrap();
+    let (inbuf, incaps) = ins.lock().unwrap()[0].clone();
+    let (outbuf, _) = outs.lock().unwrap()[0].clone();
+
+    let info = gst_video::VideoInfo::from_caps(&incaps).unwrap();
+    let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(inbuf.as_ref(), &info).unwrap();
+    let (w, h, stride) = (info.width() as usize, info.height() as usize, info.stride()[0] as usize);
+    let data = frame.plane_data(0).unwrap();
+    let mut img = gstdpir::engine::Image::new(w, h);
+    for y in 0..h {
+        for x in 0..w * 3 {
+            img.data[y * w * 3 + x] = data[y * stride + x] as f32 / 255.0;
+        }
+    }
+    let settings = EngineSettings {
+        model: Some(model.clone()),
+        device: "cpu".into(),
+        steps: 2,
+        seed: 7,
+        lq_latent: "mode".into(),
+        prompt: "an old racing car".into(),
+        ..Default::default()
+    };
+    let mut engine = DpirEngine::load(&settings).unwrap();
+    engine.configure(&StreamInfo { in_width: w, in_height: h, scale: 1, fps: None }).unwrap();
+    let ctx = FrameContext {
+        index: 0,
+        clip_index: 0,
+        new_clip: Some(ClipReason::Start),
+        prompt: "an old racing car".into(),
+        cancel: Default::default(),
+    };
+    let lib = engine.restore(&img, &ctx).unwrap();
+    let map = outbuf.map_readable().unwrap();
+    let mut max = 0i32;
+    for y in 0..h {
+        for x in 0..w * 3 {
+            let e = (lib.data[y * w * 3 + x].clamp(0.0, 1.0) * 255.0).round() as i32;
+            max = max.max((e - map[y * stride + x] as i32).abs());
+        }
+    }
+    assert_eq!(max, 0, "element and library disagree on the first frame");
+    std::fs::remove_dir_all(&model).ok();
+}
+
+#[test]
+fn fixture_model_at_scale_2_tiles_the_latent_and_keeps_every_frame() {
+    // 214×160 ×2 → 428×320 → padded 432×320 → latent 54×40: more than the tiny transformer's
+    // 32-latent position table, so latent tiling must engage.
+    let model = fixture_model_dir("scale2", false);
+    let p = film_pipeline(&model, "scale=2 tile-size=32 tile-overlap=8", Some(12), "identity name=o ! fakesink");
+    let n_in = count_buffers(&p, "in");
+    let outs = capture(&p, "o", 100);
+    let t0 = std::time::Instant::now();
+    run_pipeline(&p).expect("scale=2 pipeline");
+    let outs = outs.lock().unwrap();
+    assert_eq!(outs.len() as u64, n_in.load(Ordering::SeqCst));
+    let s = outs[0].1.structure(0).unwrap().to_owned();
+    assert_eq!((s.get::<i32>("width").unwrap(), s.get::<i32>("height").unwrap()), (428, 320));
+    eprintln!(
+        "scale=2: {} frames in {:.1} s, peak RSS {:.0} MiB",
+        outs.len(),
+        t0.elapsed().as_secs_f64(),
+        peak_rss_mib()
+    );
+    std::fs::remove_dir_all(&model).ok();
+}
+
+#[test]
+fn fixture_model_restores_a_4k_still_with_tiling_in_bounded_memory() {
+    let model = fixture_model_dir("still4k", false);
+    let out = std::env::temp_dir().join(format!("dpir-4k-{}.png", std::process::id()));
+    // Real photo (600×400) upscaled to 3840×2560 by videoscale, then restored at scale 1.
+    let p = launch(&format!(
+        "filesrc location=\"{}\" ! decodebin ! videoconvert ! videoscale ! video/x-raw,format=RGB,width=3840,height=2560 ! \
+         dpirrestore model=\"{}\" steps=1 lq-latent=mode tile-size=32 tile-overlap=8 color-fix=none ! videoconvert ! \
+         pngenc ! filesink location=\"{}\"",
+        media("coffee.png").display(),
+        model.display(),
+        out.display()
+    ));
+    let t0 = std::time::Instant::now();
+    run_pipeline(&p).expect("4K still");
+    eprintln!("4K still: {:.1} s, peak RSS {:.0} MiB", t0.elapsed().as_secs_f64(), peak_rss_mib());
+    assert!(std::fs::metadata(&out).unwrap().len() > 100_000);
+    std::fs::remove_file(&out).ok();
+    std::fs::remove_dir_all(&model).ok();
+}
+
+/// Run the element on a broken model directory: exactly one ERROR, with the given words.
+fn assert_model_error(model: &Path, words: &[&str]) {
+    let p = launch(&format!(
+        "videotestsrc num-buffers=2 ! video/x-raw,format=RGB,width=64,height=48 ! dpirrestore model=\"{}\" ! fakesink",
+        model.display()
+    ));
+    let err = run_pipeline(&p).expect_err("a broken model directory must end the pipeline with an error");
+    for w in words {
+        assert!(err.contains(w), "error `{err}` should mention `{w}`");
+    }
+}
+
+fn edit_manifest(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("model.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(p, serde_json::to_vec(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn missing_weight_file_names_the_file() {
+    let d = fixture_model_dir("missing", false);
+    std::fs::remove_file(d.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    assert_model_error(&d, &["vae/diffusion_pytorch_model.safetensors", "cannot read"]);
+}
+
+#[test]
+fn truncated_safetensors_is_reported_as_truncated() {
+    let d = fixture_model_dir("truncated", false);
+    let f = d.join("transformer/diffusion_pytorch_model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
+    assert_model_error(&d, &["transformer/diffusion_pytorch_model.safetensors", "truncated"]);
+}
+
+#[test]
+fn wrong_shape_names_the_tensor_and_the_expected_shape() {
+    let d = fixture_model_dir("shape", false);
+    // A transformer config that does not match its weights (wider heads).
+    let cfg_path = d.join("transformer/config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["attention_head_dim"] = serde_json::json!(32);
+    std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    assert_model_error(&d, &["transformer", "shape", "expected"]);
+}
+
+#[test]
+fn wrong_dtype_names_the_tensor() {
+    let d = fixture_model_dir("dtype", false);
+    // Rewrite one CLIP weight file with an integer tensor in it.
+    let f = d.join("image_encoder_one/model.safetensors");
+    let mut ts = candle_core::safetensors::load(&f, &candle_core::Device::Cpu).unwrap();
+    let name = "vision_model.pre_layrnorm.weight".to_string();
+    let t = ts[&name].to_dtype(candle_core::DType::I64).unwrap();
+    ts.insert(name, t);
+    candle_core::safetensors::save(&ts, &f).unwrap();
+    assert_model_error(&d, &["vision_model.pre_layrnorm.weight", "dtype"]);
+}
+
+#[test]
+fn pickle_is_refused_with_conversion_advice() {
+    let d = fixture_model_dir("pickle", false);
+    std::fs::write(d.join("vae/diffusion_pytorch_model.bin"), [0x80u8, 0x02, b'}', b'q', 0]).unwrap();
+    edit_manifest(&d, |m| m["vae"]["weights"] = serde_json::json!(["vae/diffusion_pytorch_model.bin"]));
+    assert_model_error(&d, &["pickle", "save_file"]);
+}
+
+#[test]
+fn unknown_manifest_key_is_named() {
+    let d = fixture_model_dir("unknown", false);
+    edit_manifest(&d, |m| m["controlnet"] = serde_json::json!("x"));
+    assert_model_error(&d, &["model.json", "unknown field `controlnet`"]);
+}
+
+#[test]
+fn empty_directory_says_model_json_is_missing() {
+    let d = std::env::temp_dir().join(format!("dpir-empty-model-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    assert_model_error(&d, &["no model.json", "empty"]);
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn bf16_on_cpu_is_a_settings_error() {
+    let d = fixture_model_dir("bf16", false);
+    let p = launch(&format!(
+        "videotestsrc num-buffers=2 ! video/x-raw,format=RGB,width=64,height=48 ! dpirrestore model=\"{}\" device=cpu precision=bf16 ! fakesink",
+        d.display()
+    ));
+    let err = run_pipeline(&p).unwrap_err();
+    assert!(err.contains("bf16") && err.contains("f16"), "{err}");
+}

@@ -1,0 +1,159 @@
+"""dpir-nano: DPIR (dual prompting, DiT) architecture at a tiny size, in PyTorch.
+
+State-dict keys are exactly those of the official checkpoints / the Rust loader:
+  transformer: diffusers 0.29.2 SD3Transformer2DModel names + control_conv.{0..5}.*
+  vae:         diffusers AutoencoderKL names
+  image encoders: HF CLIPVisionModelWithProjection names
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import SD3Transformer2DModel, AutoencoderKL
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+# ---------------------------------------------------------------- configs
+CLIP_ONE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=224,
+                patch_size=32, hidden_act="quick_gelu", projection_dim=64, layer_norm_eps=1e-5, num_channels=3)
+CLIP_TWO = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=224,
+                patch_size=32, hidden_act="gelu", projection_dim=64, layer_norm_eps=1e-5, num_channels=3)
+POOLED = CLIP_ONE["hidden_size"] + CLIP_TWO["projection_dim"]  # 128
+JOINT = POOLED  # no T5: the "T5 width" is just the pooled width
+TRANSFORMER = dict(sample_size=32, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=32,
+                   num_attention_heads=4, joint_attention_dim=JOINT, caption_projection_dim=128,
+                   pooled_projection_dim=POOLED, out_channels=16, pos_embed_max_size=96)
+CONTROL_WIDTHS = (64, 128)  # official 256, 512 (the Rust side reads widths from the weights); groups 4/8/8 kept
+VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+           up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[16, 16, 32, 64], layers_per_block=1,
+           act_fn="silu", latent_channels=16, norm_num_groups=8, sample_size=1024, scaling_factor=1.0,
+           shift_factor=0.0,  # measured on the training pool after AE training (export writes them)
+           use_quant_conv=False, use_post_quant_conv=False)
+CLIP_TOKENS = 77
+TEXT_TOKENS = 0  # zero "T5" tokens appended (DPIR: 256)
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class DpirTransformer(SD3Transformer2DModel):
+    """SD3Transformer2DModel + DPIR's control_conv, forward as DPIR's transformer_sd3_cnext.py."""
+
+    def add_control(self, widths=CONTROL_WIDTHS):
+        inner = self.config.num_attention_heads * self.config.attention_head_dim
+        a, b = widths
+        self.control_conv = nn.Sequential(
+            nn.Conv2d(self.config.in_channels, a, 3, padding=1), nn.GroupNorm(4, a),
+            nn.Conv2d(a, b, 3, stride=2, padding=1), nn.GroupNorm(8, b),
+            nn.Conv2d(b, inner, 3, padding=1), nn.GroupNorm(8, inner))
+        # dpir-nano: the positional table is all zeros (translation-equivariant model; any size/tiling)
+        with torch.no_grad():
+            self.pos_embed.pos_embed.zero_()
+        return self
+
+    def dpir_forward(self, hidden_states, controlnet_cond, encoder_hidden_states, pooled_projections, timestep):
+        height, width = hidden_states.shape[-2:]
+        h = self.pos_embed(hidden_states)
+        temb = self.time_text_embed(timestep, pooled_projections)
+        ctx = self.context_embedder(encoder_hidden_states)
+        for i, block in enumerate(self.transformer_blocks):
+            ctx, h = block(hidden_states=h, encoder_hidden_states=ctx, temb=temb)
+            if i == 0:
+                c = self.control_conv(controlnet_cond)
+                c = c.flatten(2).transpose(1, 2)  # b c h w -> b (h w) c
+                mc = c.mean(dim=(1, 2), keepdim=True); sc = c.std(dim=(1, 2), keepdim=True)
+                mh = h.mean(dim=(1, 2), keepdim=True); sh = h.std(dim=(1, 2), keepdim=True)
+                h = h + (c - mc) / (sc + 1e-9) * sh + mh
+        h = self.norm_out(h, temb)
+        h = self.proj_out(h)
+        p = self.config.patch_size
+        hh, ww = height // p, width // p
+        h = h.reshape(h.shape[0], hh, ww, p, p, self.out_channels)
+        h = torch.einsum("nhwpqc->nchpwq", h)
+        return h.reshape(h.shape[0], self.out_channels, hh * p, ww * p)
+
+
+def make_transformer():
+    return DpirTransformer(**TRANSFORMER).add_control()
+
+
+def make_vae():
+    return AutoencoderKL(**VAE)
+
+
+def make_clip(cfg):
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg))
+
+
+class PromptEncoder(nn.Module):
+    """The two vision towers and DPIR's prompt assembly (fixture README 3.6), single-tile global prompt."""
+
+    def __init__(self):
+        super().__init__()
+        self.one = make_clip(CLIP_ONE)
+        self.two = make_clip(CLIP_TWO)
+        self.register_buffer("mean", torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(OPENAI_STD).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, img01):
+        """img01 [B,3,H,W] in [0,1] -> CLIP pixel values (shortest side 224 bicubic+antialias, centre crop)."""
+        B, C, H, W = img01.shape
+        s = 224 / min(H, W)
+        nh, nw = max(224, int(H * s)), max(224, int(W * s))
+        if H <= W:
+            nh, nw = 224, int(224 * W / H)
+        else:
+            nh, nw = int(224 * H / W), 224
+        x = F.interpolate(img01, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+        x = (x * 255).round().clamp(0, 255) / 255
+        t = (nh - 224) // 2; l = (nw - 224) // 2
+        x = x[:, :, t:t + 224, l:l + 224]
+        return (x - self.mean) / self.std
+
+    def forward(self, local01, global01=None):
+        px_l = self.preprocess(local01)
+        px_g = px_l if global01 is None else self.preprocess(global01)
+        o1 = self.one(pixel_values=px_l)
+        local = o1.last_hidden_state  # raw, before post_layernorm
+        e2 = self.two(pixel_values=px_l).image_embeds
+        pooled = torch.cat([local[:, 0, :], e2], dim=1)
+        if global01 is None:
+            g = pooled[:, None, :]
+        else:
+            g1 = self.one(pixel_values=px_g).last_hidden_state[:, 0, :]
+            g = torch.cat([g1, self.two(pixel_values=px_g).image_embeds], dim=1)[:, None, :]
+        P = pooled.shape[1]
+        local = F.pad(local, (0, P - local.shape[2]))
+        tok = torch.cat([local, g], dim=1)
+        if tok.shape[1] < CLIP_TOKENS:
+            tok = F.pad(tok, (0, 0, 0, CLIP_TOKENS - tok.shape[1]))
+        tok = tok[:, :CLIP_TOKENS]
+        tok = F.pad(tok, (0, JOINT - P))
+        if TEXT_TOKENS:
+            tok = torch.cat([tok, tok.new_zeros(tok.shape[0], TEXT_TOKENS, JOINT)], dim=1)
+        return tok, pooled
+
+
+# ---------------------------------------------------------------- sampler (SD3 FlowMatchEuler, fixture 3.7)
+def sd3_sigmas(n, shift=3.0):
+    import numpy as np
+    smin = np.float32(shift * 0.001 / (1 + (shift - 1) * 0.001))
+    t = np.linspace(1000.0, float(smin) * 1000.0, n)
+    s = t / 1000.0
+    sig = (shift * s / (1 + (shift - 1) * s)).astype(np.float32)
+    return list(sig) + [np.float32(0.0)]
+
+
+@torch.no_grad()
+def sample(tr, z_lq, ctx, pooled, noise, steps, shift):
+    sig = sd3_sigmas(steps, shift)
+    x = noise
+    for i in range(steps):
+        s = float(sig[i]); sn = float(sig[i + 1])
+        t = torch.full((x.shape[0],), s * 1000.0)
+        v = tr.dpir_forward(x, z_lq, ctx, pooled, t)
+        den = x - v * s
+        d = (x - den) / s
+        x = x + d * (sn - s)
+    return x
+
+
+def count(m):
+    return sum(p.numel() for p in m.parameters())

@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""Train dpir-nano: stage `ae` (AutoencoderKL distilled from TAESD3 + reconstruction), then stage `dit`
+(DPIR transformer + both vision towers, rectified-flow velocity loss conditioned on z_lq).
+
+Resumable: checkpoints under $DPIR_DATA/ckpt/{ae,dit}.pt (written every --ckpt-every steps and at the end).
+Runs for --minutes of wall time or --steps steps, whichever comes first.
+"""
+import argparse, json, math, os, sys, time
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import model as M
+from degrade import degrade
+
+DATA = os.environ.get("DPIR_DATA", "/root/dpir-data")
+
+
+# ------------------------------------------------------------------ TAESD3 teacher (madebyollin/taesd Encoder)
+def _conv(i, o, **k):
+    return nn.Conv2d(i, o, 3, padding=1, **k)
+
+class _Block(nn.Module):
+    def __init__(self, i, o):
+        super().__init__()
+        self.conv = nn.Sequential(_conv(i, o), nn.ReLU(), _conv(o, o), nn.ReLU(), _conv(o, o))
+        self.skip = nn.Conv2d(i, o, 1, bias=False) if i != o else nn.Identity()
+        self.fuse = nn.ReLU()
+    def forward(self, x):
+        return self.fuse(self.conv(x) + self.skip(x))
+
+def taesd_encoder(path="/work/shared/weights/taesd3/taesd3_encoder.safetensors", lc=16):
+    enc = nn.Sequential(_conv(3, 64), _Block(64, 64),
+                        _conv(64, 64, stride=2, bias=False), _Block(64, 64), _Block(64, 64), _Block(64, 64),
+                        _conv(64, 64, stride=2, bias=False), _Block(64, 64), _Block(64, 64), _Block(64, 64),
+                        _conv(64, 64, stride=2, bias=False), _Block(64, 64), _Block(64, 64), _Block(64, 64),
+                        _conv(64, lc))
+    sd = {k: v.float() for k, v in load_file(path).items()}
+    enc.load_state_dict(sd)
+    return enc.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------ data
+def load_pool(size=128):
+    return np.load(os.path.join(DATA, f"pool_train_{size}.npy"), mmap_mode="r")
+
+def augment(a, rng):
+    k = int(rng.integers(4))
+    a = np.rot90(a, k)
+    if rng.random() < 0.5:
+        a = a[:, ::-1]
+    return np.ascontiguousarray(a)
+
+class PairDataset(torch.utils.data.IterableDataset):
+    """Endless (hq, lq_up) pairs: random pool crop, random dihedral flip, random degradation (x2 mostly, x1 too)."""
+    def __init__(self, pool_size=128, crop=128, p_x1=0.2, seed=1):
+        self.pool_size, self.crop, self.p_x1, self.seed = pool_size, crop, p_x1, seed
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, int(time.time()), info.id if info else 0])
+        pool = load_pool(self.pool_size)
+        S = self.crop
+        while True:
+            a = pool[int(rng.integers(len(pool)))]
+            if S < a.shape[0]:
+                y, x = rng.integers(0, a.shape[0] - S + 1, 2)
+                a = a[y:y + S, x:x + S]
+            hq = augment(np.asarray(a), rng)
+            scale = 1 if rng.random() < self.p_x1 else 2
+            _, up = degrade(hq, rng, scale=scale)
+            yield torch.from_numpy(hq).permute(2, 0, 1), torch.from_numpy(np.ascontiguousarray(up)).permute(2, 0, 1)
+
+
+def to_pm1(u8):
+    return u8.float() / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------ checkpoints
+def save_ckpt(path, **objs):
+    tmp = path + ".tmp"
+    torch.save(objs, tmp)
+    os.replace(tmp, path)
+
+def log(f, **kv):
+    s = json.dumps(kv)
+    print(s, flush=True)
+    f.write(s + "\n"); f.flush()
+
+
+# ------------------------------------------------------------------ stage AE
+def train_ae(a):
+    os.makedirs(os.path.join(DATA, "ckpt"), exist_ok=True)
+    path = os.path.join(DATA, "ckpt/ae.pt")
+    vae = M.make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=a.lr, weight_decay=0.0)
+    step, spent = 0, 0.0
+    if os.path.exists(path):
+        ck = torch.load(path, weights_only=False)
+        vae.load_state_dict(ck["vae"]); opt.load_state_dict(ck["opt"]); step, spent = ck["step"], ck["spent"]
+        print("resumed ae at", step)
+    teacher = taesd_encoder() if a.w_lat > 0 else None
+    pool = load_pool(128)
+    rng = np.random.default_rng(1234 + step)
+    lf = open(os.path.join(DATA, "logs/ae.jsonl"), "a")
+    t0 = time.time() - spent
+    vae.train()
+    while step < a.steps and (time.time() - t0) < a.minutes * 60:
+        S = a.crop
+        idx = rng.integers(0, len(pool), a.batch)
+        b = []
+        for i in idx:
+            y, x = rng.integers(0, 128 - S + 1, 2)
+            b.append(augment(np.asarray(pool[i][y:y + S, x:x + S]), rng))
+        u8 = torch.from_numpy(np.stack(b)).permute(0, 3, 1, 2)
+        x01 = u8.float() / 255.0
+        frac = min(1.0, (time.time() - t0) / (a.minutes * 60))
+        lr = a.lr * min(1.0, (step + 1) / 50) * (0.9 * 0.5 * (1 + math.cos(math.pi * frac)) + 0.1)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        mom = vae.encoder(x01 * 2 - 1)
+        mean, logvar = mom.chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        std = torch.exp(0.5 * logvar)
+        z = mean + std * torch.randn_like(mean)          # posterior sample (plain VAE training)
+        rec = vae.decoder(z)
+        l_rec = (rec - (x01 * 2 - 1)).abs().mean()
+        l_kl = 0.5 * (mean ** 2 + std ** 2 - 1 - logvar).mean()
+        loss = l_rec + a.w_kl * l_kl
+        l_lat = torch.zeros(())
+        if teacher is not None:  # optional TAESD3 distillation (off by default: too slow on 2 shared CPU cores)
+            with torch.no_grad():
+                zt = teacher(x01)
+            l_lat = F.mse_loss((mean - M.VAE["shift_factor"]) * M.VAE["scaling_factor"], zt)
+            loss = loss + a.w_lat * l_lat
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 20 == 0:
+            mse = F.mse_loss(rec.detach().clamp(-1, 1), x01 * 2 - 1).item() / 4
+            log(lf, stage="ae", step=step, t=round(time.time() - t0), loss=round(loss.item(), 4), rec=round(l_rec.item(), 4),
+                kl=round(l_kl.item(), 4), lat=round(l_lat.item(), 4), psnr=round(10 * math.log10(1 / max(mse, 1e-10)), 2),
+                mstd=round(mean.std().item(), 3), sstd=round(std.mean().item(), 4), lr=lr)
+        if step % a.ckpt_every == 0:
+            save_ckpt(path, vae=vae.state_dict(), opt=opt.state_dict(), step=step, spent=time.time() - t0)
+    save_ckpt(path, vae=vae.state_dict(), opt=opt.state_dict(), step=step, spent=time.time() - t0)
+    print("ae done", step)
+
+
+# ------------------------------------------------------------------ stage DiT
+SCHED_SIGMAS = None
+
+def draw_sigma(n, steps, shift, rng):
+    grid = M.sd3_sigmas(steps, shift)[:-1]
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            out.append(float(grid[int(rng.integers(len(grid)))]))
+        else:
+            u = rng.random()
+            out.append(shift * u / (1 + (shift - 1) * u))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def load_vae_frozen():
+    """The trained AE with its latent normalisation (shift_factor, scaling_factor) measured on the training
+    pool (posterior means of 256 random 128x128 crops) and stored in ckpt/ae_norm.json; M.VAE is updated."""
+    vae = M.make_vae()
+    ck = torch.load(os.path.join(DATA, "ckpt/ae.pt"), weights_only=False)
+    vae.load_state_dict(ck["vae"])
+    vae = vae.eval().requires_grad_(False)
+    npath = os.path.join(DATA, "ckpt/ae_norm.json")
+    if not os.path.exists(npath):
+        pool = load_pool(128)
+        rng = np.random.default_rng(5)
+        ms = []
+        with torch.no_grad():
+            for i in range(0, 256, 32):
+                u8 = torch.from_numpy(np.stack([np.asarray(pool[j]) for j in rng.integers(0, len(pool), 32)])).permute(0, 3, 1, 2)
+                ms.append(vae.encoder(to_pm1(u8)).chunk(2, dim=1)[0])
+        m = torch.cat(ms)
+        norm = {"shift_factor": round(m.mean().item(), 4), "scaling_factor": round(1.0 / m.std().item(), 4),
+                "ae_steps": ck["step"], "ae_seconds": round(ck["spent"])}
+        json.dump(norm, open(npath, "w"))
+    norm = json.load(open(npath))
+    M.VAE["shift_factor"] = norm["shift_factor"]; M.VAE["scaling_factor"] = norm["scaling_factor"]
+    vae.register_to_config(shift_factor=norm["shift_factor"], scaling_factor=norm["scaling_factor"])
+    print("vae norm", norm)
+    return vae
+
+
+@torch.no_grad()
+def encode_mode(vae, img_pm1):
+    mean = vae.encoder(img_pm1).chunk(2, dim=1)[0]
+    return (mean - M.VAE["shift_factor"]) * M.VAE["scaling_factor"]
+
+
+def train_dit(a):
+    path = os.path.join(DATA, "ckpt/dit.pt")
+    vae = load_vae_frozen()
+    tr = M.make_transformer()
+    pe = M.PromptEncoder()
+    params = list(tr.parameters()) + list(pe.parameters())
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    step, spent = 0, 0.0
+    if os.path.exists(path):
+        ck = torch.load(path, weights_only=False)
+        tr.load_state_dict(ck["tr"]); pe.load_state_dict(ck["pe"]); opt.load_state_dict(ck["opt"])
+        step, spent = ck["step"], ck["spent"]
+        print("resumed dit at", step)
+    tr.pos_embed.pos_embed.zero_()
+    ds = PairDataset(crop=a.crop, seed=step + 7)
+    dl = iter(torch.utils.data.DataLoader(ds, batch_size=a.batch, num_workers=a.workers))
+    rng = np.random.default_rng(99 + step)
+    lf = open(os.path.join(DATA, "logs/dit.jsonl"), "a")
+    t0 = time.time() - spent
+    tr.train(); pe.train()
+    ema = None
+    while step < a.steps and (time.time() - t0) < a.minutes * 60:
+        hq, up = next(dl)
+        hq_pm1, up_pm1 = to_pm1(hq), to_pm1(up)
+        z0 = encode_mode(vae, hq_pm1)
+        zl = encode_mode(vae, up_pm1)
+        ctx, pooled = pe(up.float() / 255.0)
+        sig = draw_sigma(z0.shape[0], a.sample_steps, a.shift, rng)
+        eps = torch.randn_like(z0)
+        s4 = sig.view(-1, 1, 1, 1)
+        xs = (1 - s4) * z0 + s4 * eps
+        v = tr.dpir_forward(xs, zl, ctx, pooled, sig * 1000.0)
+        loss = F.mse_loss(v, eps - z0)
+        frac = min(1.0, (time.time() - t0) / (a.minutes * 60))
+        lr = a.lr * min(1.0, (step + 1) / 200) * (0.9 * 0.5 * (1 + math.cos(math.pi * frac)) + 0.1)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            tr.pos_embed.pos_embed.zero_()
+        step += 1
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 20 == 0:
+            with torch.no_grad():
+                x0p = xs - s4 * v
+                x0_err = F.mse_loss(x0p[sig > 0.99], z0[sig > 0.99]).item() if (sig > 0.99).any() else float("nan")
+            log(lf, stage="dit", step=step, t=round(time.time() - t0), loss=round(loss.item(), 4), ema=round(ema, 4),
+                x0_err_at_1=round(x0_err, 4), lr=lr)
+        if step % a.ckpt_every == 0:
+            save_ckpt(path, tr=tr.state_dict(), pe=pe.state_dict(), opt=opt.state_dict(), step=step, spent=time.time() - t0)
+    save_ckpt(path, tr=tr.state_dict(), pe=pe.state_dict(), opt=opt.state_dict(), step=step, spent=time.time() - t0)
+    print("dit done", step)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("stage", choices=["ae", "dit"])
+    ap.add_argument("--minutes", type=float, default=20)
+    ap.add_argument("--steps", type=int, default=10 ** 9)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--crop", type=int, default=96)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--w-lat", type=float, default=0.0)
+    ap.add_argument("--w-kl", type=float, default=1e-3)
+    ap.add_argument("--latent-noise", type=float, default=0.05)
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--sample-steps", type=int, default=4)
+    ap.add_argument("--shift", type=float, default=3.0)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    os.makedirs(os.path.join(DATA, "logs"), exist_ok=True)
+    os.makedirs(os.path.join(DATA, "ckpt"), exist_ok=True)
+    if a.stage == "ae":
+        a.lr = a.lr or 1e-3
+        train_ae(a)
+    else:
+        a.lr = a.lr or 5e-4
+        train_dit(a)
+
+
+if __name__ == "__main__":
+    main()
