@@ -154,6 +154,15 @@ pub struct EngineSettings {
     pub noise: String,
     /// Free the prompt encoders between clips.
     pub low_memory: bool,
+    /// Compute the text embedding and the global visual prompt once per clip (true, the
+    /// default) or again for every frame (false: for measurements of what the reuse saves).
+    pub reuse_prompts: bool,
+    /// Warm start (`warm-start`): 0 = off (every frame samples from noise); `s` in (0, 1]: from
+    /// the second frame of a clip on, sampling starts from the previous frame's final latent
+    /// re-noised to the σ of step `round((1 − s)·steps)` and runs only the remaining
+    /// `≈ s·steps` steps. Fewer steps and less flicker on static shots; on motion the previous
+    /// frame's content can linger (ghosting) the lower `s` is.
+    pub warm_start: f64,
 }
 
 impl Default for EngineSettings {
@@ -172,6 +181,8 @@ impl Default for EngineSettings {
             tile_overlap: 8,
             noise: "per-clip".into(),
             low_memory: false,
+            reuse_prompts: true,
+            warm_start: 0.0,
         }
     }
 }
@@ -187,6 +198,11 @@ pub trait RestoreEngine: Send {
 
     /// Expected processing time per frame, for the LATENCY query; `None` if unknown yet.
     fn latency(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Where the last frame's time went, for the debug log.
+    fn timings(&self) -> Option<String> {
         None
     }
 

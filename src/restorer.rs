@@ -4,6 +4,8 @@
 //! Per frame: LQ → bicubic upsample to the output size → pad to a multiple of 16 → local prompt
 //! → VAE encode → Euler sampling (latent tiles if large) → decode → colour fix → crop.
 //! Per clip (see [`crate::cache::ClipCache`]): text embedding, global visual prompt, noise.
+//! Optionally (`warm_start`), a clip's frames after the first start sampling from the previous
+//! frame's result instead of from noise.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, Weak};
@@ -86,7 +88,8 @@ impl DpirModel {
             let cfg = ClipVisionConfig::from_json(&files.config_json(&c.config)?)
                 .map_err(|e| LoadError::Invalid(format!("{}: {e}", files.path(&c.config))))?;
             let vb = files.var_builder(&c.weights, dtype, device)?;
-            ClipVisionModel::new(&cfg, vb).map_err(|e| model_err(&format!("{name} {}", c.weights.join(", ")), &files, e))
+            ClipVisionModel::new(&cfg, vb)
+                .map_err(|e| model_err(&format!("{name} {}", c.weights.join(", ")), &files, e))
         };
         let one = tower(&m.image_encoder_one, "image_encoder_one")?;
         let two = tower(&m.image_encoder_two, "image_encoder_two")?;
@@ -96,7 +99,8 @@ impl DpirModel {
             clip_tokens: m.prompt.clip_tokens,
             tiling,
         };
-        let image = ImagePromptEncoder::new(one, two, prompt_cfg).map_err(|e| model_err("image encoders", &files, e))?;
+        let image =
+            ImagePromptEncoder::new(one, two, prompt_cfg).map_err(|e| model_err("image encoders", &files, e))?;
         if image.pooled_width() != transformer_config.pooled_projection_dim {
             return Err(LoadError::Invalid(format!(
                 "image encoders give a pooled vector of {} (encoder one hidden + encoder two projection) but the \
@@ -222,7 +226,8 @@ pub fn shared_model(settings: &EngineSettings) -> Result<Arc<DpirModel>, EngineE
     if let Some(m) = models.get(&key).and_then(Weak::upgrade) {
         return Ok(m);
     }
-    let model = Arc::new(DpirModel::load(source, &device, dtype, tiling).map_err(|e| EngineError::Model(e.to_string()))?);
+    let model =
+        Arc::new(DpirModel::load(source, &device, dtype, tiling).map_err(|e| EngineError::Model(e.to_string()))?);
     models.insert(key, Arc::downgrade(&model));
     Ok(model)
 }
@@ -251,6 +256,35 @@ pub struct DpirEngine {
     color_fix: ColorFix,
     sampler: SamplerOptions,
     last_time: Option<Duration>,
+    /// Stage timings of the last frame, for the debug log and benchmarks.
+    pub last_timings: FrameTimings,
+}
+
+/// Where the time of one frame went.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FrameTimings {
+    pub upsample: Duration,
+    pub prompts: Duration,
+    pub encode: Duration,
+    pub sample: Duration,
+    pub decode: Duration,
+    pub color_fix: Duration,
+}
+
+impl std::fmt::Display for FrameTimings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        write!(
+            f,
+            "upsample {:.1} ms, prompts {:.1} ms, encode {:.1} ms, sample {:.1} ms, decode {:.1} ms, colour fix {:.1} ms",
+            ms(self.upsample),
+            ms(self.prompts),
+            ms(self.encode),
+            ms(self.sample),
+            ms(self.decode),
+            ms(self.color_fix)
+        )
+    }
 }
 
 impl DpirEngine {
@@ -263,7 +297,14 @@ impl DpirEngine {
         if !matches!(settings.noise.as_str(), "per-clip" | "per-frame") {
             return Err(EngineError::Settings(format!("unknown noise `{}`", settings.noise)));
         }
-        let tiling = LatentTiling { tile: settings.tile_size as usize, overlap: settings.tile_overlap as usize, batch: 1 };
+        if !(0.0..=1.0).contains(&settings.warm_start) {
+            return Err(EngineError::Settings(format!(
+                "warm-start {} is out of range: 0 (off) or a strength in (0, 1]",
+                settings.warm_start
+            )));
+        }
+        let tiling =
+            LatentTiling { tile: settings.tile_size as usize, overlap: settings.tile_overlap as usize, batch: 1 };
         tiling.validate().map_err(|e| EngineError::Settings(format!("tile-size/tile-overlap: {e}")))?;
         Ok(Self {
             model,
@@ -273,6 +314,7 @@ impl DpirEngine {
             color_fix,
             sampler: SamplerOptions { steps: settings.steps as usize, guidance_scale: 1.0, tiling: Some(tiling) },
             last_time: None,
+            last_timings: FrameTimings::default(),
         })
     }
 
@@ -280,7 +322,7 @@ impl DpirEngine {
         &self.model
     }
 
-    /// How often each encoder ran (the clip cache's savings).
+    /// How often each encoder ran and how long it took (the clip cache's savings).
     pub fn stats(&self) -> CacheStats {
         self.cache.stats
     }
@@ -299,19 +341,37 @@ impl DpirEngine {
         let (pw, ph) = (ow.div_ceil(m) * m, oh.div_ceil(m) * m);
         let padded = pad_edge(up, pw, ph);
         let dev = &model.device;
+        let mut t = Instant::now();
+        let mut lap = |slot: &mut Duration| {
+            *slot = t.elapsed();
+            t = Instant::now();
+        };
+        let mut times = FrameTimings::default();
 
         // Per clip: global prompt from the key frame, noise field; per prompt string: text.
+        // Without reuse (`reuse_prompts = false`, for measurements) both are recomputed from
+        // every frame.
+        let t_frame = Instant::now();
         if ctx.new_clip.is_some() || self.cache.clip_index != Some(ctx.clip_index) {
-            self.cache.start_clip(ctx.clip_index);
+            self.cache.start_clip(ctx.clip_index, ctx.index);
         }
-        if self.cache.global.is_none() {
-            self.cache.global = Some(model.image.global_prompt(up).context("global visual prompt")?);
-            self.cache.stats.global_encodes += 1;
-        }
-        let text = self.cache.text(&ctx.prompt, |p| model.text_embedding(p))?;
+        // Position inside the clip: noise drawn per frame depends on (seed, clip, position), never
+        // on the position in the stream, so a clip rendered alone reproduces itself.
+        let pos = ctx.index.saturating_sub(self.cache.start_frame);
+        let reuse = self.settings.reuse_prompts;
+        let text = self.cache.text(&ctx.prompt, reuse, |p| model.text_embedding(p))?;
+        let t0 = Instant::now();
         let local = model.image.local_prompt(up).context("local visual prompt")?;
         self.cache.stats.local_encodes += 1;
+        self.cache.stats.local_time += t0.elapsed();
+        if self.cache.global.is_none() || !reuse {
+            let t0 = Instant::now();
+            self.cache.global = Some(model.image.global_prompt(up).context("global visual prompt")?);
+            self.cache.stats.global_encodes += 1;
+            self.cache.stats.global_time += t0.elapsed();
+        }
         let embeds = assemble(&local, self.cache.global.as_ref().unwrap(), &text, model.image.config.clip_tokens)?;
+        lap(&mut times.prompts);
 
         let lq = rgb8_to_tensor(&padded, dev)?; // [0,1]
         let lq_pm = ((&lq * 2.0)? - 1.0)?.to_dtype(model.dtype)?;
@@ -321,11 +381,12 @@ impl DpirEngine {
         let draw = if self.settings.lq_latent == "mode" {
             LatentDraw::Mode
         } else {
-            LatentDraw::Sample(seeded_noise(shape, mix(seed, ctx.clip_index, ctx.index.wrapping_add(1 << 40)), dev)?)
+            LatentDraw::Sample(seeded_noise(shape, mix(seed, ctx.clip_index, pos.wrapping_add(1 << 40)), dev)?)
         };
         let z_lq = pipe.encode_lq(&lq_pm, &draw)?;
+        lap(&mut times.encode);
         let noise = if self.settings.noise == "per-frame" {
-            seeded_noise(shape, mix(seed, ctx.clip_index, ctx.index + 1), dev)?
+            seeded_noise(shape, mix(seed, ctx.clip_index, pos + 1), dev)?
         } else {
             match &self.cache.noise {
                 Some(n) if n.dims4()? == shape => n.clone(),
@@ -336,16 +397,54 @@ impl DpirEngine {
                 }
             }
         };
+        // Warm start: from the clip's second frame on, start from the previous frame's final
+        // latent re-noised to the σ of step k and run steps k.. only (the first frame of a clip
+        // always starts from pure noise, so clips stay independent).
+        let steps = self.sampler.steps;
+        let warm = self.settings.warm_start;
+        let (start_step, init) = match &self.cache.previous {
+            Some(prev) if warm > 0.0 && prev.dims4()? == shape => {
+                let run = ((warm * steps as f64).round() as usize).clamp(1, steps);
+                let k = steps - run;
+                if k == 0 {
+                    (0, noise)
+                } else {
+                    let sigma = pipe.start_sigma(steps, k) as f64;
+                    self.cache.stats.warm_starts += 1;
+                    (k, ((&noise * sigma)? + (prev * (1.0 - sigma))?)?)
+                }
+            }
+            _ => (0, noise),
+        };
         let cancel = ctx.cancel.clone();
         let mut on_step = |_: &crate::model::pipeline::StepInfo| -> candle_core::Result<()> {
             if cancel.is_cancelled() { Err(candle_core::Error::Msg("cancelled".into())) } else { Ok(()) }
         };
-        let latents = pipe.denoise(&z_lq, &noise, &embeds.prompt_embeds, &embeds.pooled, &self.sampler, &mut on_step)?;
+        let latents = pipe.denoise_from(
+            &z_lq,
+            &init,
+            &embeds.prompt_embeds,
+            &embeds.pooled,
+            &self.sampler,
+            start_step,
+            &mut on_step,
+        )?;
+        if warm > 0.0 {
+            self.cache.previous = Some(latents.clone());
+        }
+        lap(&mut times.sample);
         let decoded = pipe.decode(&latents)?;
+        lap(&mut times.decode);
         let out01 = ((decoded + 1.0)? / 2.0)?;
         let fixed = color_fix::apply(self.color_fix, &out01, &lq)?.clamp(0f32, 1f32)?;
         let fixed = fixed.narrow(2, 0, oh)?.narrow(3, 0, ow)?;
-        tensor_to_image(&fixed)
+        let out = tensor_to_image(&fixed)?;
+        lap(&mut times.color_fix);
+        times.upsample = self.last_timings.upsample;
+        self.last_timings = times;
+        self.cache.stats.frames += 1;
+        self.cache.stats.frame_time += t_frame.elapsed();
+        Ok(out)
     }
 }
 
@@ -370,13 +469,20 @@ impl RestoreEngine for DpirEngine {
         let t0 = Instant::now();
         let info = self.info.clone().ok_or_else(|| EngineError::Runtime("restore before configure".into()))?;
         let lq = image_to_rgb8(frame);
+        self.last_timings.upsample = Duration::ZERO;
         let up = if info.scale > 1 {
-            resize_bicubic(&lq, info.out_width(), info.out_height()).map_err(|e| EngineError::Runtime(format!("{e:#}")))?
+            resize_bicubic(&lq, info.out_width(), info.out_height())
+                .map_err(|e| EngineError::Runtime(format!("{e:#}")))?
         } else {
             lq
         };
+        self.last_timings.upsample = t0.elapsed();
         let out = self.restore_rgb8(&up, ctx).map_err(|e| {
-            if ctx.cancel.is_cancelled() { EngineError::Cancelled } else { EngineError::Runtime(format!("DPIR: {e:#}")) }
+            if ctx.cancel.is_cancelled() {
+                EngineError::Cancelled
+            } else {
+                EngineError::Runtime(format!("DPIR: {e:#}"))
+            }
         })?;
         self.last_time = Some(t0.elapsed());
         Ok(out)
@@ -384,6 +490,10 @@ impl RestoreEngine for DpirEngine {
 
     fn latency(&self) -> Option<Duration> {
         self.last_time
+    }
+
+    fn timings(&self) -> Option<String> {
+        Some(self.last_timings.to_string())
     }
 
     fn describe(&self) -> String {

@@ -25,7 +25,7 @@ static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
 const DEFAULT_SCALE: u32 = 1;
 const DEFAULT_STEPS: u32 = 28;
 const DEFAULT_MAX_INFLIGHT: u32 = 2;
-const DEFAULT_SCENE_THRESHOLD: f64 = 0.3;
+const DEFAULT_SCENE_THRESHOLD: f64 = crate::cache::DEFAULT_SCENE_THRESHOLD;
 
 #[derive(Debug, Clone)]
 struct Settings {
@@ -48,6 +48,8 @@ struct Settings {
     scene_threshold: f64,
     clip_max_frames: u32,
     tags_as_prompt: bool,
+    warm_start: f64,
+    first_clip_index: u64,
 }
 
 impl Default for Settings {
@@ -72,6 +74,8 @@ impl Default for Settings {
             scene_threshold: DEFAULT_SCENE_THRESHOLD,
             clip_max_frames: 0,
             tags_as_prompt: false,
+            warm_start: 0.0,
+            first_clip_index: 0,
         }
     }
 }
@@ -96,6 +100,8 @@ impl Settings {
             tile_overlap: self.tile_overlap,
             noise: nick(&self.noise),
             low_memory: self.low_memory,
+            reuse_prompts: true,
+            warm_start: self.warm_start,
         }
     }
 }
@@ -674,6 +680,8 @@ impl DpirRestore {
                 .field("index", clip_index)
                 .field("start-pts", inbuf.pts())
                 .field("reason", reason.as_str())
+                .field("frame-index", index)
+                .field("difference", w.clips.last_distance)
                 .build();
             let _ = self.obj().post_message(gst::message::Element::builder(s).src(&*self.obj()).build());
         }
@@ -724,6 +732,7 @@ impl DpirRestore {
         // Bookkeeping and progress before pushing, so a blocking downstream doesn't skew fps.
         let elapsed = t0.elapsed();
         *self.frame_time.lock().unwrap() = Some(engine.latency().unwrap_or(elapsed));
+        let engine_timings = engine.timings();
         w.frame_index += 1;
         w.frames_done += 1;
         let started = *w.started.get_or_insert(t0);
@@ -750,7 +759,7 @@ impl DpirRestore {
         let _ = self.obj().post_message(gst::message::Element::builder(progress).src(&*self.obj()).build());
         self.qos.lock().unwrap().processed += 1;
 
-        gst::trace!(CAT, imp = self, "pushing frame {index} ({elapsed:?})");
+        gst::debug!(CAT, imp = self, "frame {index} in {elapsed:?}: {}", engine_timings.unwrap_or_default());
         self.srcpad.push(outbuf)
     }
 
@@ -795,6 +804,7 @@ impl DpirRestore {
         let clip_settings = ClipTrackerSettings {
             scene_threshold: s.scene_threshold,
             clip_max_frames: s.clip_max_frames,
+            first_clip_index: s.first_clip_index,
         };
         drop(s);
         let mut w = self.worker.lock().unwrap();
@@ -1008,6 +1018,24 @@ impl ObjectImpl for DpirRestore {
                     .default_value(false)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecDouble::builder("warm-start")
+                    .nick("Warm start")
+                    .blurb(
+                        "0: off. Else a strength in (0,1]: within a clip, start each frame's sampling from the previous \
+                         output re-noised, running about strength x steps (faster, steadier on static shots; can \
+                         ghost on motion). A clip's first frame always starts from noise",
+                    )
+                    .minimum(0.0)
+                    .maximum(1.0)
+                    .default_value(0.0)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt64::builder("first-clip-index")
+                    .nick("First clip index")
+                    .blurb("Index of the stream's first clip: render clip N alone (same seed) as it was in the whole film")
+                    .default_value(0)
+                    .mutable_ready()
+                    .build(),
             ]
         });
         PROPS.as_ref()
@@ -1043,6 +1071,8 @@ impl ObjectImpl for DpirRestore {
             "scene-threshold" => s.scene_threshold = value.get().unwrap(),
             "clip-max-frames" => s.clip_max_frames = value.get().unwrap(),
             "tags-as-prompt" => s.tags_as_prompt = value.get().unwrap(),
+            "warm-start" => s.warm_start = value.get().unwrap(),
+            "first-clip-index" => s.first_clip_index = value.get().unwrap(),
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -1069,6 +1099,8 @@ impl ObjectImpl for DpirRestore {
             "scene-threshold" => s.scene_threshold.to_value(),
             "clip-max-frames" => s.clip_max_frames.to_value(),
             "tags-as-prompt" => s.tags_as_prompt.to_value(),
+            "warm-start" => s.warm_start.to_value(),
+            "first-clip-index" => s.first_clip_index.to_value(),
             other => unreachable!("unknown property {other}"),
         }
     }

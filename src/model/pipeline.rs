@@ -105,6 +105,33 @@ impl<'a> DpirPipeline<'a> {
         opts: &SamplerOptions,
         on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
     ) -> Result<Tensor> {
+        self.denoise_from(z_lq, initial_latents, prompt_embeds, pooled, opts, 0, on_step)
+    }
+
+    /// σ at which step `start_step` of an `steps`-step schedule begins (1 for step 0).
+    pub fn start_sigma(&self, steps: usize, start_step: usize) -> f32 {
+        let mut sched = FlowMatchEulerScheduler::new(self.scheduler.clone());
+        sched.set_timesteps(steps);
+        sched.sigmas()[start_step.min(steps)]
+    }
+
+    /// [`Self::denoise`] skipping the first `start_step` steps: `initial_latents` must be at the
+    /// σ of that step (see [`Self::start_sigma`]), e.g. a previous result re-noised (warm start,
+    /// SDEdit-style). `start_step = 0` is plain sampling.
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise_from(
+        &self,
+        z_lq: &Tensor,
+        initial_latents: &Tensor,
+        prompt_embeds: &Tensor,
+        pooled: &Tensor,
+        opts: &SamplerOptions,
+        start_step: usize,
+        on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
+    ) -> Result<Tensor> {
+        if start_step >= opts.steps.max(1) {
+            candle_core::bail!("start step {start_step} is not below the {} sampling steps", opts.steps);
+        }
         if z_lq.dims() != initial_latents.dims() {
             candle_core::bail!("initial latents {:?} do not match z_lq {:?}", initial_latents.dims(), z_lq.dims());
         }
@@ -158,7 +185,7 @@ impl<'a> DpirPipeline<'a> {
 
         let mut x = initial_latents.to_device(dev)?.to_dtype(DType::F32)?;
         let total = sched.num_steps();
-        for i in 0..total {
+        for i in start_step..total {
             let t = sched.timesteps()[i];
             let v = match &windows {
                 None => {

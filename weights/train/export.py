@@ -23,6 +23,7 @@ def clean_cfg(cfg, cls, version_key, version):
 def save_sd(sd, path, meta):
     sd = {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}
     save_file(sd, path, metadata=meta)
+    os.chmod(path, 0o644)
 
 
 def sha(path):
@@ -45,6 +46,8 @@ def main():
         os.makedirs(os.path.join(out, d), exist_ok=True)
     vae = T.load_vae_frozen()
     ck = torch.load(os.path.join(T.DATA, "ckpt/dit.pt"), weights_only=False)
+    if "dec" in ck:  # decoder fine-tuned during the DiT stage (encoder / latent space unchanged)
+        vae.decoder.load_state_dict(ck["dec"])
     tr = M.make_transformer(); tr.load_state_dict(ck["tr"])
     pe = M.PromptEncoder(); pe.load_state_dict(ck["pe"])
     meta = {"format": "pt", "model": "dpir-nano"}
@@ -77,7 +80,7 @@ def main():
         "text_encoder": None,
         "sampler": {"shift": a.shift, "num_train_timesteps": 1000, "default_steps": a.steps},
         "color_fix": a.color_fix,
-        "prompt": {"text_tokens": M.TEXT_TOKENS, "clip_tokens": M.CLIP_TOKENS},
+        "prompt": {"text_tokens": M.TEXT_TOKENS, "clip_tokens": M.CLIP_TOKENS, "tile_size": 1024, "tile_stride": 960},
         "sha256": {f: sha(os.path.join(out, f)) for f in files},
     }
     json.dump(manifest, open(os.path.join(out, "model.json"), "w"), indent=2)

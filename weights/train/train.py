@@ -124,10 +124,16 @@ def train_ae(a):
         mean, logvar = mom.chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
         std = torch.exp(0.5 * logvar)
-        z = mean + std * torch.randn_like(mean)          # posterior sample (plain VAE training)
+        # deterministic AE (the plugin and DPIR's denoise_vae_use_mode use the posterior mode); the decoder sees
+        # mean + small noise for robustness; logvar is pulled to -12 (std 0.0025) so a posterior sample ~ mode
+        z = mean + a.latent_noise * mean.detach().std() * torch.randn_like(mean)
         rec = vae.decoder(z)
         l_rec = (rec - (x01 * 2 - 1)).abs().mean()
-        l_kl = 0.5 * (mean ** 2 + std ** 2 - 1 - logvar).mean()
+        if a.w_color:  # chroma + low-frequency emphasis (a tiny AE learns luminance first and drops colour)
+            d = rec - (x01 * 2 - 1)
+            chroma = d - d.mean(dim=1, keepdim=True)
+            l_rec = l_rec + a.w_color * (chroma.abs().mean() + F.avg_pool2d(d, 4).abs().mean())
+        l_kl = ((logvar + 12.0) ** 2).mean() + (mean.mean() ** 2)   # logvar target + keep latents centred
         loss = l_rec + a.w_kl * l_kl
         l_lat = torch.zeros(())
         if teacher is not None:  # optional TAESD3 distillation (off by default: too slow on 2 shared CPU cores)
@@ -206,12 +212,20 @@ def train_dit(a):
     pe = M.PromptEncoder()
     params = list(tr.parameters()) + list(pe.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    # The AE decoder keeps training (every --dec-every steps) while the DiT trains: the encoder, hence the
+    # latent space the DiT learns, stays frozen.
+    dec_params = list(vae.decoder.parameters())
+    dec_opt = torch.optim.AdamW(dec_params, lr=a.dec_lr)
     step, spent = 0, 0.0
     if os.path.exists(path):
         ck = torch.load(path, weights_only=False)
         tr.load_state_dict(ck["tr"]); pe.load_state_dict(ck["pe"]); opt.load_state_dict(ck["opt"])
+        if "dec" in ck:
+            vae.decoder.load_state_dict(ck["dec"]); dec_opt.load_state_dict(ck["dec_opt"])
         step, spent = ck["step"], ck["spent"]
         print("resumed dit at", step)
+    sf, sh = M.VAE["scaling_factor"], M.VAE["shift_factor"]
+    dec_loss = float("nan")
     tr.pos_embed.pos_embed.zero_()
     ds = PairDataset(crop=a.crop, seed=step + 7)
     dl = iter(torch.utils.data.DataLoader(ds, batch_size=a.batch, num_workers=a.workers))
@@ -242,6 +256,20 @@ def train_dit(a):
         opt.step()
         with torch.no_grad():
             tr.pos_embed.pos_embed.zero_()
+        if a.dec_every and step % a.dec_every == 0:
+            vae.decoder.requires_grad_(True)
+            zin = z0 / sf + sh
+            zin = zin + 0.05 * zin.std() * torch.randn_like(zin)
+            d = vae.decoder(zin) - hq_pm1
+            l_dec = d.abs().mean() + (d - d.mean(dim=1, keepdim=True)).abs().mean() + F.avg_pool2d(d, 4).abs().mean()
+            for g in dec_opt.param_groups:
+                g["lr"] = a.dec_lr * (0.9 * 0.5 * (1 + math.cos(math.pi * frac)) + 0.1)
+            dec_opt.zero_grad(set_to_none=True)
+            l_dec.backward()
+            torch.nn.utils.clip_grad_norm_(dec_params, 1.0)
+            dec_opt.step()
+            vae.decoder.requires_grad_(False)
+            dec_loss = l_dec.item()
         step += 1
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 20 == 0:
@@ -249,10 +277,12 @@ def train_dit(a):
                 x0p = xs - s4 * v
                 x0_err = F.mse_loss(x0p[sig > 0.99], z0[sig > 0.99]).item() if (sig > 0.99).any() else float("nan")
             log(lf, stage="dit", step=step, t=round(time.time() - t0), loss=round(loss.item(), 4), ema=round(ema, 4),
-                x0_err_at_1=round(x0_err, 4), lr=lr)
+                x0_err_at_1=round(x0_err, 4), dec_l1=round(dec_loss, 4), lr=lr)
         if step % a.ckpt_every == 0:
-            save_ckpt(path, tr=tr.state_dict(), pe=pe.state_dict(), opt=opt.state_dict(), step=step, spent=time.time() - t0)
-    save_ckpt(path, tr=tr.state_dict(), pe=pe.state_dict(), opt=opt.state_dict(), step=step, spent=time.time() - t0)
+            save_ckpt(path, tr=tr.state_dict(), pe=pe.state_dict(), opt=opt.state_dict(), dec=vae.decoder.state_dict(),
+                      dec_opt=dec_opt.state_dict(), step=step, spent=time.time() - t0)
+    save_ckpt(path, tr=tr.state_dict(), pe=pe.state_dict(), opt=opt.state_dict(), dec=vae.decoder.state_dict(),
+                      dec_opt=dec_opt.state_dict(), step=step, spent=time.time() - t0)
     print("dit done", step)
 
 
@@ -266,10 +296,13 @@ def main():
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--w-lat", type=float, default=0.0)
     ap.add_argument("--w-kl", type=float, default=1e-3)
+    ap.add_argument("--w-color", type=float, default=0.0)
     ap.add_argument("--latent-noise", type=float, default=0.05)
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--dec-every", type=int, default=4)
+    ap.add_argument("--dec-lr", type=float, default=5e-4)
     ap.add_argument("--sample-steps", type=int, default=4)
     ap.add_argument("--shift", type=float, default=3.0)
     a = ap.parse_args()

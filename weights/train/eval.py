@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Evaluate dpir-nano on the validation photos (split by source, never trained on) with fixed-seed x2
+degradations: PSNR / SSIM / ST-LPIPS (shift-tolerant LPIPS, AlexNet, offline weights from PyPI
+stlpips-pytorch) for
+  (a) Lanczos x2 of the degraded LQ,
+  (b) classic chains: ffmpeg hqdn3d + Lanczos, ffmpeg nlmeans + Lanczos (ffmpeg from PyPI imageio-ffmpeg),
+  (c) dpir-nano, PyTorch implementation of the plugin's sampler (steps/shift from model.json, seeded
+      initial noise, z_lq = (posterior mode - shift_factor) * scaling_factor), colour fix none / wavelet.
+Loads the EXPORTED f16 files of weights/dpir-nano (upcast to f32), i.e. what the Rust loader reads.
+Usage: eval.py [--model weights/dpir-nano] [--limit N] [--save DIR]
+"""
+import argparse, glob, json, os, subprocess, sys, tempfile, types
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+from skimage.metrics import structural_similarity
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import model as M
+from degrade import degrade, fixed_rng
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.environ.get("DPIR_DATA", "/root/dpir-data")
+SEED = 2025
+
+
+def stlpips_model():
+    sys.modules.setdefault("IPython", types.SimpleNamespace(embed=None))      # unused imports in the package
+    sys.modules.setdefault("torchsummary", types.SimpleNamespace(summary=None))
+    from stlpips_pytorch import stlpips
+    m = stlpips.LPIPS(net="alex", variant="shift_tolerant", verbose=False)
+    return m.eval()
+
+
+def load_model(d):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    mj = json.load(open(os.path.join(d, "model.json")))
+    tc = json.load(open(os.path.join(d, mj["transformer"]["config"])))
+    tr = M.DpirTransformer(**{k: v for k, v in tc.items() if not k.startswith("_")})
+    sd = load_file(os.path.join(d, mj["transformer"]["weights"][0]))
+    a = sd["control_conv.0.weight"].shape[0]; b = sd["control_conv.2.weight"].shape[0]
+    tr.add_control((a, b))
+    tr.load_state_dict({k: v.float() for k, v in sd.items()})
+    vc = json.load(open(os.path.join(d, mj["vae"]["config"])))
+    vae = AutoencoderKL(**{k: v for k, v in vc.items() if not k.startswith("_")})
+    vae.load_state_dict({k: v.float() for k, v in load_file(os.path.join(d, mj["vae"]["weights"][0])).items()})
+    pe = M.PromptEncoder()
+    for name, tower in [("image_encoder_one", "one"), ("image_encoder_two", "two")]:
+        c = json.load(open(os.path.join(d, mj[name]["config"])))
+        m = CLIPVisionModelWithProjection(CLIPVisionConfig(**c))
+        m.load_state_dict({k: v.float() for k, v in load_file(os.path.join(d, mj[name]["weights"][0])).items()})
+        setattr(pe, tower, m)
+    return mj, tr.eval(), vae.eval(), pe.eval()
+
+
+# StableSR wavelet_color_fix (target = output, source = LQ), on [0,1] NCHW
+def _wblur(x, r):
+    k = torch.tensor([[0.0625, 0.125, 0.0625], [0.125, 0.25, 0.125], [0.0625, 0.125, 0.0625]])[None, None].repeat(3, 1, 1, 1)
+    return F.conv2d(F.pad(x, (r, r, r, r), mode="replicate"), k, groups=3, dilation=r)
+
+def _wdec(x, levels=5):
+    high = torch.zeros_like(x)
+    for i in range(levels):
+        low = _wblur(x, 2 ** i); high = high + (x - low); x = low
+    return high, low
+
+def wavelet_color_fix(target, source):
+    return _wdec(target)[0] + _wdec(source)[1]
+
+
+@torch.no_grad()
+def nano_restore(mj, tr, vae, pe, up_u8, seed=SEED):
+    H, W = up_u8.shape[:2]
+    up = torch.from_numpy(up_u8).permute(2, 0, 1)[None].float() / 255.0
+    sf, sh = vae.config.scaling_factor, vae.config.shift_factor or 0.0
+    mean = vae.encoder(up * 2 - 1).chunk(2, dim=1)[0]
+    z_lq = (mean - sh) * sf
+    ctx, pooled = pe(up)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(z_lq.shape, generator=g)
+    s = mj["sampler"]
+    z = M.sample(tr, z_lq, ctx, pooled, noise, s["default_steps"], s["shift"])
+    dec = vae.decoder(z / sf + sh)
+    out01 = ((dec + 1) / 2).clamp(0, 1)
+    wav = wavelet_color_fix(out01, up).clamp(0, 1)
+    to8 = lambda t: (t[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return to8(out01), to8(wav)
+
+
+def ffmpeg_chain(lq_u8, W, H, filt):
+    import imageio_ffmpeg
+    exe = imageio_ffmpeg.get_ffmpeg_exe()
+    with tempfile.TemporaryDirectory() as td:
+        i, o = os.path.join(td, "in.png"), os.path.join(td, "out.png")
+        Image.fromarray(lq_u8).save(i)
+        subprocess.run([exe, "-loglevel", "error", "-y", "-i", i, "-vf", f"{filt},scale={W}:{H}:flags=lanczos", o], check=True)
+        return np.asarray(Image.open(o).convert("RGB"))
+
+
+def psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255.0 ** 2 / max(mse, 1e-10))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=os.path.normpath(os.path.join(HERE, "..", "dpir-nano")))
+    ap.add_argument("--val", default=os.path.join(DATA, "clean/val"))
+    ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--save", default="")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    files = sorted(glob.glob(os.path.join(a.val, "*.png")))
+    if a.limit:
+        files = files[:a.limit]
+    lp = stlpips_model()
+    mj, tr, vae, pe = load_model(a.model)
+    methods = ["lanczos", "hqdn3d+lanczos", "nlmeans+lanczos", "nano", "nano+wavelet"]
+    res = {m: [] for m in methods}
+    for idx, f in enumerate(files):
+        hq = np.asarray(Image.open(f).convert("RGB"))
+        H, W = hq.shape[:2]
+        lq, up = degrade(hq, fixed_rng(SEED, idx), scale=2)
+        outs = {"lanczos": np.asarray(Image.fromarray(lq).resize((W, H), Image.LANCZOS)),
+                "hqdn3d+lanczos": ffmpeg_chain(lq, W, H, "hqdn3d=4:3:6:4.5"),
+                "nlmeans+lanczos": ffmpeg_chain(lq, W, H, "nlmeans=s=3:p=7:r=9")}
+        outs["nano"], outs["nano+wavelet"] = nano_restore(mj, tr, vae, pe, up)
+        t_hq = torch.from_numpy(hq).permute(2, 0, 1)[None].float() / 127.5 - 1
+        for m in methods:
+            o = outs[m]
+            with torch.no_grad():
+                d = lp(torch.from_numpy(o).permute(2, 0, 1)[None].float() / 127.5 - 1, t_hq).item()
+            res[m].append((psnr(o, hq), structural_similarity(o, hq, channel_axis=2, data_range=255), d))
+        if a.save:
+            os.makedirs(a.save, exist_ok=True)
+            name = os.path.splitext(os.path.basename(f))[0]
+            Image.fromarray(np.concatenate([outs["lanczos"], outs["nlmeans+lanczos"], outs["nano"], hq], axis=1)).save(
+                os.path.join(a.save, f"{name}.png"))
+        print(os.path.basename(f), " ".join(f"{m}:{res[m][-1][0]:.2f}/{res[m][-1][2]:.3f}" for m in methods), flush=True)
+    print(f"\n{len(files)} validation photos, x2, fixed-seed degradations (seed {SEED})")
+    print("| method | PSNR (dB) ↑ | SSIM ↑ | ST-LPIPS ↓ |\n|---|---:|---:|---:|")
+    summary = {}
+    for m in methods:
+        r = np.array(res[m])
+        summary[m] = r.mean(0).tolist()
+        print(f"| {m} | {r[:, 0].mean():.2f} | {r[:, 1].mean():.4f} | {r[:, 2].mean():.4f} |")
+    json.dump(summary, open(os.path.join(DATA, "logs/eval_summary.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
