@@ -126,7 +126,7 @@ fn main() {
     let results: Vec<(bool, Duration, CacheStats, CacheStats)> =
         (0..2).map(|j| (engines[j].0, walls[j], before[j], engines[j].1.stats())).collect();
     println!(
-        "{:<28} {:>8} {:>9} {:>7} {:>7} {:>7} {:>10} {:>10} {:>10} {:>9}",
+        "{:<28} {:>8} {:>9} {:>7} {:>7} {:>7} {:>10} {:>10} {:>10} {:>10} {:>9}",
         "mode",
         "frames/s",
         "ms/frame",
@@ -136,7 +136,8 @@ fn main() {
         "T5 ms/f",
         "global ms/f",
         "local ms/f",
-        "encoders"
+        "enc. ms/f",
+        "enc. share"
     );
     for (reuse, wall, a, b) in &results {
         let frames = (b.frames - a.frames) as f64;
@@ -144,7 +145,7 @@ fn main() {
         let enc = (b.text_time - a.text_time) + (b.global_time - a.global_time) + (b.local_time - a.local_time);
         let share = enc.as_secs_f64() / (b.frame_time - a.frame_time).as_secs_f64();
         println!(
-            "{:<28} {:>8.2} {:>9.1} {:>7} {:>7} {:>7} {:>10.2} {:>11.2} {:>10.2} {:>8.1}%",
+            "{:<28} {:>8.2} {:>9.1} {:>7} {:>7} {:>7} {:>10.2} {:>11.2} {:>10.2} {:>10.2} {:>9.1}%",
             if *reuse { "reuse per clip (default)" } else { "recompute every frame" },
             frames / wall.as_secs_f64(),
             wall.as_secs_f64() * 1e3 / frames,
@@ -154,17 +155,14 @@ fn main() {
             per(b.text_time - a.text_time),
             per(b.global_time - a.global_time),
             per(b.local_time - a.local_time),
+            per(enc),
             100.0 * share,
         );
     }
     let fps = |i: usize| (results[i].3.frames - results[i].2.frames) as f64 / results[i].1.as_secs_f64();
     println!("speed-up from reuse: ×{:.2}", fps(0) / fps(1));
     for (reuse, e) in &engines {
-        println!(
-            "last frame, {}: {}",
-            if *reuse { "reuse" } else { "recompute" },
-            e.timings().unwrap_or_default()
-        );
+        println!("last frame, {}: {}", if *reuse { "reuse" } else { "recompute" }, e.timings().unwrap_or_default());
     }
     if temp {
         std::fs::remove_dir_all(&model).ok();

@@ -129,7 +129,7 @@ def prepare(work, medium=True):
     cases.append(
         {
             "name": "tiny",
-            "iters": 20,
+            "iters": 10,
             "transformer": {
                 "weights": f"{FIXTURES}/dpir_transformer_square/weights.safetensors",
                 "config": tcase["library_config"],
@@ -177,7 +177,7 @@ def prepare(work, medium=True):
         cases.append(
             {
                 "name": "medium",
-                "iters": 5,
+                "iters": 3,
                 "transformer": {"weights": tw, "config": tcfg, "inputs": f"{work}/medium.transformer_in.safetensors"},
                 "vae": {"weights": vw, "config": vcfg, "inputs": f"{work}/medium.vae_in.safetensors"},
             }

@@ -15,6 +15,7 @@
 #                     (dependencies are opt-level 3 in dev too, the crate itself opt-level 1)
 #   DPIR_CMP_ROUNDS   alternating Rust/PyTorch rounds; the table keeps each side's best round
 #                     median (default 2)
+#   DPIR_CMP_BIN      an already built compare bench binary (skips the cargo build)
 #   DPIR_CMP_THREADS  threads for both sides (default 2: RAYON_NUM_THREADS / torch.set_num_threads)
 #   DPIR_CMP_WORK     scratch folder for spec, generated weights, inputs, outputs
 #                     (default $TMPDIR/dpir-compare; the medium weights are reused across runs)
@@ -33,14 +34,18 @@ export OMP_NUM_THREADS=$DPIR_CMP_THREADS
 
 # 1. Build first, so compilation never overlaps a timing; then run the binary itself (a second
 #    `cargo bench` could rebuild if the sources change meanwhile).
-echo "== building the Rust bench (profile $DPIR_CMP_PROFILE)" >&2
-BIN=$(nice -n 0 cargo bench --profile "$DPIR_CMP_PROFILE" --no-default-features --bench compare --no-run \
-    --message-format=json-render-diagnostics |
-    "$PY" -c 'import json,sys
+if [ -n "${DPIR_CMP_BIN:-}" ]; then
+    BIN=$DPIR_CMP_BIN
+else
+    echo "== building the Rust bench (profile $DPIR_CMP_PROFILE)" >&2
+    BIN=$(nice -n 0 cargo bench --profile "$DPIR_CMP_PROFILE" --no-default-features --bench compare --no-run \
+        --message-format=json-render-diagnostics |
+        "$PY" -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "compare" and m.get("executable"):
         print(m["executable"])')
+fi
 [ -x "$BIN" ] || { echo "no bench executable found" >&2; exit 1; }
 
 # 2. Spec, inputs and (medium) random weights.

@@ -52,7 +52,8 @@ fn main() {
         .filter_map(|a| a.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
         .collect();
     let get = |k: &str, d: &str| args.get(k).cloned().unwrap_or_else(|| d.to_string());
-    let num = |k: &str, d: u64| get(k, &d.to_string()).parse::<u64>().unwrap_or_else(|_| panic!("{k}= must be a number"));
+    let num =
+        |k: &str, d: u64| get(k, &d.to_string()).parse::<u64>().unwrap_or_else(|_| panic!("{k}= must be a number"));
     let (skip, frames, steps, scale, seed) =
         (num("skip", 4), num("frames", 24), num("steps", 4), num("scale", 1), num("seed", 0));
     let device = get("device", "auto");
