@@ -433,3 +433,28 @@ fn every_property_has_a_blurb_for_gst_inspect() {
     let factory = gst::ElementFactory::find("dpirrestore").unwrap();
     assert_eq!(factory.metadata(gst::ELEMENT_METADATA_KLASS), Some("Filter/Effect/Video"));
 }
+
+#[test]
+fn test_engine_flush_keeps_caps_the_worker_has_not_handled_yet() {
+    // The worker is busy with frame 0 while new caps are queued behind it; a flush then
+    // discards frames but must keep the caps (sticky), or later frames would be unnegotiated.
+    let (element, _) = element_with_test_engine(200, None);
+    element.set_property("max-inflight", 4u32);
+    let mut h = harness(&element);
+    h.set_src_caps(caps("RGB", 8, 8));
+    h.push(rgb_buffer(8, 8, 0)).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    h.push_event(gst::event::Caps::new(&caps("RGB", 12, 10)));
+    h.push(rgb_buffer(12, 10, 1)).unwrap();
+    assert!(h.push_event(gst::event::FlushStart::new()));
+    assert!(h.push_event(gst::event::FlushStop::new(true)));
+    h.push_event(gst::event::Segment::new(&gst::FormattedSegment::<gst::ClockTime>::new()));
+    h.push(rgb_buffer(12, 10, 2)).expect("frames after the flush are negotiated");
+    let out = loop {
+        let b = h.pull().unwrap();
+        if b.pts() == Some(gst::ClockTime::from_mseconds(80)) {
+            break b;
+        }
+    };
+    assert_eq!(out.size(), gst_video::VideoInfo::from_caps(&caps("RGB", 12, 10)).unwrap().size());
+}

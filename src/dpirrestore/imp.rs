@@ -307,7 +307,14 @@ impl DpirRestore {
                 {
                     let mut q = self.queue.lock().unwrap();
                     q.flushing = true;
-                    q.items.clear();
+                    // Sticky events survive a flush (caps above all), except segment and EOS:
+                    // keep those the worker has not handled yet.
+                    q.items.retain(|it| match it {
+                        Item::Event(e) => {
+                            e.is_sticky() && !matches!(e.type_(), gst::EventType::Segment | gst::EventType::Eos)
+                        }
+                        Item::Buffer(_) => false,
+                    });
                     q.frames = 0;
                     self.cancel.set(true);
                     self.cond.notify_all();
