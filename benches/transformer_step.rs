@@ -4,7 +4,10 @@
 //! `cargo bench --bench transformer_step` runs a reduced width/depth that fits a CPU run;
 //! environment overrides: `DPIR_BENCH_LAYERS` (24 for SD3-medium), `DPIR_BENCH_HEADS` (24),
 //! `DPIR_BENCH_LATENT` (latent side, 128 = 1024 px), `DPIR_BENCH_ITERS`, `DPIR_BENCH_DTYPE`
-//! (f32/f16/bf16), `DPIR_BENCH_CUDA=1` (with `--features cuda`).
+//! (f32/f16/bf16), `DPIR_BENCH_CTX` (context tokens, 333), `DPIR_BENCH_CUDA=1` (with
+//! `--features cuda`). SD3-medium at 1024×1024, as `tests/gpu/run.sh` runs it:
+//! `DPIR_BENCH_LAYERS=24 DPIR_BENCH_HEADS=24 DPIR_BENCH_LATENT=128 DPIR_BENCH_DTYPE=bf16 DPIR_BENCH_CUDA=1`.
+//! The last line, `RESULT impl=candle ...`, is what that script reads.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -72,6 +75,23 @@ fn random_weights(cfg: &DpirTransformerConfig, dev: &Device) -> Result<HashMap<S
     Ok(w)
 }
 
+/// FLOPs of one transformer call (2 × multiply-adds of the matmuls and attention; the same count
+/// as `tests/gpu/sd3_step.py`). The last block is `context_pre_only`: Q/K/V only on the context.
+fn step_flops(layers: usize, d: usize, n_img: usize, n_ctx: usize, joint: usize, in_ch: usize, out_ch: usize) -> f64 {
+    let (d, n_img, n_ctx) = (d as f64, n_img as f64, n_ctx as f64);
+    let n = n_img + n_ctx;
+    let proj = |t: f64| 2.0 * t * d * d;
+    let ff = |t: f64| 2.0 * (2.0 * t * d * 4.0 * d);
+    let attn = 2.0 * (2.0 * n * n * d);
+    let full = 4.0 * proj(n) + ff(n) + attn;
+    let last = 4.0 * proj(n_img) + ff(n_img) + 3.0 * proj(n_ctx) + attn;
+    let mut total = (layers as f64 - 1.0) * full + last;
+    total += 2.0 * n_img * (in_ch * 4) as f64 * d; // patch embedding (2×2)
+    total += 2.0 * n_ctx * joint as f64 * d; // context embedder
+    total += 2.0 * n_img * d * (4 * out_ch) as f64; // proj_out
+    total
+}
+
 fn median(n: usize, dev: &Device, mut f: impl FnMut() -> Result<Tensor>) -> Result<Duration> {
     f()?;
     dev.synchronize()?;
@@ -99,7 +119,7 @@ fn main() -> Result<()> {
     cfg.caption_projection_dim = cfg.inner_dim();
     let side = env_usize("DPIR_BENCH_LATENT", 64);
     let iters = env_usize("DPIR_BENCH_ITERS", 3);
-    let ctx_len = 333;
+    let ctx_len = env_usize("DPIR_BENCH_CTX", 333);
 
     let weights = random_weights(&cfg, &dev)?;
     let vb = VarBuilder::from_tensors(weights, dtype, &dev);
@@ -124,5 +144,23 @@ fn main() -> Result<()> {
     println!("  transformer step (per step)    : {:>9.1} ms", s_time.as_secs_f64() * 1e3);
     let per_layer = s_time.as_secs_f64() / cfg.num_layers as f64;
     println!("  per layer                      : {:>9.1} ms", per_layer * 1e3);
+    let n_img = (side / cfg.patch_size) * (side / cfg.patch_size);
+    let flops = step_flops(
+        cfg.num_layers,
+        cfg.inner_dim(),
+        n_img,
+        ctx_len,
+        cfg.joint_attention_dim,
+        cfg.in_channels,
+        cfg.out_channels,
+    );
+    let tflops = flops / s_time.as_secs_f64() / 1e12;
+    println!("  {:.2} TFLOP/step → {tflops:.1} TFLOP/s (attention: plain softmax(QKᵀ)V, head-chunked)", flops / 1e12);
+    println!(
+        "RESULT impl=candle ms_per_step={:.3} tflop_per_step={:.4} tflops={tflops:.2} control_ms={:.3}",
+        s_time.as_secs_f64() * 1e3,
+        flops / 1e12,
+        c_time.as_secs_f64() * 1e3
+    );
     Ok(())
 }

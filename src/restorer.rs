@@ -434,6 +434,9 @@ impl DpirEngine {
         }
         lap(&mut times.sample);
         let decoded = pipe.decode(&latents)?;
+        if model.dtype == DType::F16 && !all_finite(&decoded)? {
+            return Err(NonFiniteF16.into()); // `restore` falls back to a wider dtype
+        }
         lap(&mut times.decode);
         let out01 = ((decoded + 1.0)? / 2.0)?;
         let fixed = color_fix::apply(self.color_fix, &out01, &lq)?.clamp(0f32, 1f32)?;
@@ -477,7 +480,14 @@ impl RestoreEngine for DpirEngine {
             lq
         };
         self.last_timings.upsample = t0.elapsed();
-        let out = self.restore_rgb8(&up, ctx).map_err(|e| {
+        let out = match self.restore_rgb8(&up, ctx) {
+            Err(e) if e.is::<NonFiniteF16>() => {
+                self.fall_back_from_f16()?;
+                self.restore_rgb8(&up, ctx) // the same frame again, in the wider dtype
+            }
+            r => r,
+        };
+        let out = out.map_err(|e| {
             if ctx.cancel.is_cancelled() {
                 EngineError::Cancelled
             } else {
@@ -505,6 +515,38 @@ impl RestoreEngine for DpirEngine {
             self.sampler.steps,
             self.color_fix
         )
+    }
+}
+
+/// f16 overflowed: a frame came out with inf/NaN (activations past f16's ±65504).
+#[derive(Debug, thiserror::Error)]
+#[error("precision=f16 overflowed (inf/NaN in the decoded frame)")]
+struct NonFiniteF16;
+
+/// No inf/NaN in `t`: one f32 sum (inf − inf is NaN, and NaN stays NaN).
+fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
+    Ok(t.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?.is_finite())
+}
+
+impl DpirEngine {
+    /// After an f16 overflow: warn, and go on in bf16 (CUDA) or f32 (CPU, which has no bf16
+    /// matmul) for the rest of the stream. The clip cache holds f16 tensors: it starts afresh
+    /// (its statistics kept).
+    fn fall_back_from_f16(&mut self) -> Result<(), EngineError> {
+        let to = if self.model.device.is_cpu() { "f32" } else { "bf16" };
+        eprintln!(
+            "gst-dpir WARNING: precision=f16 overflowed (inf/NaN in a frame) on {:?}; falling back to \
+             precision={to} for the rest of the stream and redoing the frame",
+            self.model.device.location()
+        );
+        let mut settings = self.settings.clone();
+        settings.precision = to.into();
+        self.model = shared_model(&settings)?;
+        self.settings = settings;
+        let stats = self.cache.stats;
+        self.cache = ClipCache::default();
+        self.cache.stats = stats;
+        Ok(())
     }
 }
 

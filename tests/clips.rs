@@ -192,6 +192,45 @@ fn hard_cuts_in_two_real_videos_concatenated_are_found_exactly() {
 }
 
 #[test]
+fn scene_cut_statistic_separates_cuts_from_flicker_and_motion_with_a_margin() {
+    // The statistic itself, frame by frame (no element): every hand-checked cut scores well above
+    // the default threshold, every other frame well below, in both videos and across the join.
+    use gstdpir::cache::{ClipTracker, ClipTrackerSettings, DEFAULT_SCENE_THRESHOLD};
+    let (w, h) = (214usize, 160usize);
+    let stride = (w * 3).next_multiple_of(4);
+    let mut tracker = ClipTracker::new(ClipTrackerSettings { scene_threshold: 1.0, ..Default::default() });
+    let mut scores = Vec::new();
+    for file in [FILM, BIKES] {
+        for raw in decode(file, w as u32, h as u32) {
+            let mut img = Image::new(w, h);
+            for y in 0..h {
+                for x in 0..w * 3 {
+                    img.data[y * w * 3 + x] = raw[y * stride + x] as f32 / 255.0;
+                }
+            }
+            tracker.observe(&img, "");
+            scores.push(tracker.last_distance);
+        }
+    }
+    let cuts: Vec<usize> = FILM_CUTS
+        .iter()
+        .chain(&[FILM_FRAMES])
+        .chain(&BIKES_CUTS.map(|f| FILM_FRAMES + f))
+        .map(|&f| f as usize)
+        .collect();
+    let min_cut = cuts.iter().map(|&i| scores[i]).fold(f64::INFINITY, f64::min);
+    let (max_other, at) = scores
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !cuts.contains(i))
+        .map(|(i, &d)| (d, i))
+        .fold((0.0, 0), |a, b| if b.0 > a.0 { b } else { a });
+    eprintln!("cuts score ≥ {min_cut:.3}; other frames ≤ {max_other:.3} (frame {at})");
+    assert!(min_cut > DEFAULT_SCENE_THRESHOLD + 0.1, "weakest cut {min_cut:.3}");
+    assert!(max_other < DEFAULT_SCENE_THRESHOLD - 0.05, "frame {at} scores {max_other:.3}");
+}
+
+#[test]
 fn clip_max_frames_refreshes_long_shots() {
     let p = clip_pipeline(100, 0, 214, 160, "clip-max-frames=30");
     use_recorder(&p);

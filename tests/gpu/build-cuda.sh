@@ -66,7 +66,7 @@ fi
 
 # 3. Build the GPU binaries (model-only: no GStreamer on the GPU machine).
 nice -n 15 cargo build --release --no-default-features --features "$FEATURES" \
-    ${TARGETS:---bench transformer_step --bin restore_raw} --message-format=json-render-diagnostics > "$CARGO_TARGET_DIR/cuda-build.json"
+    ${TARGETS:---bench transformer_step --bench restore_raw} --message-format=json-render-diagnostics > "$CARGO_TARGET_DIR/cuda-build.json"
 mkdir -p tests/gpu/bin
 python3 - "$CARGO_TARGET_DIR/cuda-build.json" <<'PY'
 import json, shutil, subprocess, sys
