@@ -40,7 +40,11 @@ pub struct DpirModel {
     pub transformer_config: DpirTransformerConfig,
     pub autoencoder: Box<dyn Autoencoder>,
     pub image: ImagePromptEncoder,
-    pub text: Option<TextEncoder>,
+    /// T5 (SD3: 4.7 B parameters, ~9 GB in bf16). With `low-memory` it is dropped after each
+    /// new prompt's embedding and loaded again for the next one: prompts are computed once per
+    /// clip, so this costs a reload per prompt change, not per frame.
+    text: Mutex<Option<TextEncoder>>,
+    has_text: bool,
     pub device: Device,
     pub dtype: DType,
 }
@@ -112,22 +116,7 @@ impl DpirModel {
 
         let text = match &m.text_encoder {
             None => None,
-            Some(t) => {
-                let cfg = T5Config::from_json(&files.config_json(&t.config)?)
-                    .map_err(|e| LoadError::Invalid(format!("{}: {e}", files.path(&t.config))))?;
-                let vb = files.var_builder(&t.weights, dtype, device)?;
-                let model = T5EncoderModel::new(&cfg, vb)
-                    .map_err(|e| model_err(&format!("text_encoder {}", t.weights.join(", ")), &files, e))?;
-                let tok_path = match &files.source {
-                    ModelSource::Dir(d) => d.join(&t.tokenizer),
-                    ModelSource::Embedded(_) => {
-                        return Err(LoadError::Invalid("embedded models cannot carry a tokenizer".into()));
-                    }
-                };
-                let tokenizer = T5Tokenizer::from_file(&tok_path, t.max_length)
-                    .map_err(|e| LoadError::Invalid(format!("{}: {e}", tok_path.display())))?;
-                Some(TextEncoder::new(model, tokenizer))
-            }
+            Some(_) => Some(load_text_encoder(&files, dtype, device)?),
         };
         Ok(Self {
             name: m.name.clone().unwrap_or_else(|| files.source.describe()),
@@ -136,7 +125,8 @@ impl DpirModel {
             transformer_config,
             autoencoder,
             image,
-            text,
+            has_text: text.is_some(),
+            text: Mutex::new(text),
             device: device.clone(),
             dtype,
         })
@@ -144,19 +134,46 @@ impl DpirModel {
 
     /// The text part of the conditioning: T5 tokens, or zeros when the model has no T5
     /// (DPIR's unconditional text input).
-    pub fn text_embedding(&self, prompt: &str) -> Result<Tensor> {
-        match &self.text {
-            Some(t) => t.embed(prompt),
-            None => {
-                let _ = prompt; // no text encoder: the prompt cannot be used
-                Ok(Tensor::zeros(
-                    (1, self.files.manifest.prompt.text_tokens, self.transformer_config.joint_attention_dim),
-                    self.dtype,
-                    &self.device,
-                )?)
+    pub fn text_embedding(&self, prompt: &str, low_memory: bool) -> Result<Tensor> {
+        if self.has_text {
+            let mut slot = self.text.lock().unwrap();
+            if slot.is_none() {
+                *slot = Some(load_text_encoder(&self.files, self.dtype, &self.device)?);
             }
+            let t = slot.as_ref().unwrap().embed(prompt);
+            if low_memory {
+                *slot = None;
+            }
+            return t;
         }
+        // No text encoder: the prompt cannot be used.
+        Ok(Tensor::zeros(
+            (1, self.files.manifest.prompt.text_tokens, self.transformer_config.joint_attention_dim),
+            self.dtype,
+            &self.device,
+        )?)
     }
+
+    /// Whether the T5 encoder is in memory now (it is not after a `low-memory` embedding).
+    pub fn text_encoder_loaded(&self) -> bool {
+        self.text.lock().unwrap().is_some()
+    }
+}
+
+fn load_text_encoder(files: &ModelFiles, dtype: DType, device: &Device) -> Result<TextEncoder, LoadError> {
+    let t = files.manifest.text_encoder.as_ref().ok_or_else(|| LoadError::Invalid("model has no text encoder".into()))?;
+    let cfg = T5Config::from_json(&files.config_json(&t.config)?)
+        .map_err(|e| LoadError::Invalid(format!("{}: {e}", files.path(&t.config))))?;
+    let vb = files.var_builder(&t.weights, dtype, device)?;
+    let model = T5EncoderModel::new(&cfg, vb)
+        .map_err(|e| model_err(&format!("text_encoder {}", t.weights.join(", ")), files, e))?;
+    let tok_path = match &files.source {
+        ModelSource::Dir(d) => d.join(&t.tokenizer),
+        ModelSource::Embedded(_) => return Err(LoadError::Invalid("embedded models cannot carry a tokenizer".into())),
+    };
+    let tokenizer = T5Tokenizer::from_file(&tok_path, t.max_length)
+        .map_err(|e| LoadError::Invalid(format!("{}: {e}", tok_path.display())))?;
+    Ok(TextEncoder::new(model, tokenizer))
 }
 
 /// Models shared between elements of one process: same directory, device, dtype → one copy.
@@ -359,7 +376,8 @@ impl DpirEngine {
         // on the position in the stream, so a clip rendered alone reproduces itself.
         let pos = ctx.index.saturating_sub(self.cache.start_frame);
         let reuse = self.settings.reuse_prompts;
-        let text = self.cache.text(&ctx.prompt, reuse, |p| model.text_embedding(p))?;
+        let low_memory = self.settings.low_memory;
+        let text = self.cache.text(&ctx.prompt, reuse, |p| model.text_embedding(p, low_memory))?;
         let t0 = Instant::now();
         let local = model.image.local_prompt(up).context("local visual prompt")?;
         self.cache.stats.local_encodes += 1;

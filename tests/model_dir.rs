@@ -269,3 +269,48 @@ fn bf16_on_cpu_is_a_settings_error() {
     let err = run_pipeline(&p).unwrap_err();
     assert!(err.contains("bf16") && err.contains("f16"), "{err}");
 }
+
+fn engine_settings(model: &Path, low_memory: bool) -> EngineSettings {
+    EngineSettings {
+        model: Some(model.to_path_buf()),
+        device: "cpu".into(),
+        steps: 1,
+        lq_latent: "mode".into(),
+        low_memory,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn two_elements_naming_the_same_directory_share_one_loaded_model() {
+    let d = fixture_model_dir("shared", false);
+    let a = DpirEngine::load(&engine_settings(&d, false)).unwrap();
+    let b = DpirEngine::load(&engine_settings(&d, false)).unwrap();
+    assert!(std::sync::Arc::ptr_eq(a.model(), b.model()));
+    drop((a, b));
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn low_memory_frees_the_text_encoder_after_each_new_prompt() {
+    let d = fixture_model_dir("lowmem", true);
+    let mut e = DpirEngine::load(&engine_settings(&d, true)).unwrap();
+    assert!(e.model().text_encoder_loaded(), "loaded and validated up front");
+    e.configure(&StreamInfo { in_width: 32, in_height: 32, scale: 1, fps: None }).unwrap();
+    let img = gstdpir::engine::Image::new(32, 32);
+    let ctx = |i: u64, prompt: &str| FrameContext {
+        index: i,
+        clip_index: 0,
+        new_clip: (i == 0).then_some(ClipReason::Start),
+        prompt: prompt.into(),
+        cancel: Default::default(),
+    };
+    e.restore(&img, &ctx(0, "a car")).unwrap();
+    assert!(!e.model().text_encoder_loaded(), "freed after the embedding");
+    e.restore(&img, &ctx(1, "a car")).unwrap();
+    assert!(!e.model().text_encoder_loaded(), "a cached prompt needs no reload");
+    e.restore(&img, &ctx(2, "a boat")).unwrap();
+    assert!(!e.model().text_encoder_loaded());
+    assert_eq!(e.stats().text_encodes, 2);
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -987,7 +987,7 @@ impl ObjectImpl for DpirRestore {
                     .build(),
                 glib::ParamSpecBoolean::builder("low-memory")
                     .nick("Low memory")
-                    .blurb("Free the prompt encoders after each clip's prompts are computed")
+                    .blurb("Free the T5 text encoder after each new prompt is embedded (reloaded on the next prompt change)")
                     .default_value(false)
                     .mutable_ready()
                     .build(),
