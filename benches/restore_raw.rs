@@ -67,12 +67,11 @@ fn main() -> Result<()> {
         FrameContext { index: i as u64, clip_index, new_clip, prompt: prompt.clone(), cancel: Default::default() }
     };
     println!(
-        "film: {} frames {w}x{h} ×{scale} → {}x{}, {}, {} steps, loaded in {:.1} s",
+        "film: {} frames {w}x{h} ×{scale} → {}x{}, {}, loaded in {:.1} s",
         video.len(),
         w * scale,
         h * scale,
         engine.describe(),
-        settings.steps,
         load.as_secs_f64()
     );
     // The first frame pays one-time costs (kernel loading, allocator growth): timed apart.

@@ -112,6 +112,7 @@ def main():
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--save", default="")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--crop", type=int, default=0, help="centre-crop each validation image to at most this side (0: full <=512 crop)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     files = sorted(glob.glob(os.path.join(a.val, "*.png")))
@@ -123,6 +124,10 @@ def main():
     res = {m: [] for m in methods}
     for idx, f in enumerate(files):
         hq = np.asarray(Image.open(f).convert("RGB"))
+        if a.crop:
+            c = min(a.crop, hq.shape[0], hq.shape[1]) // 16 * 16
+            t, l = (hq.shape[0] - c) // 2, (hq.shape[1] - c) // 2
+            hq = np.ascontiguousarray(hq[t:t + c, l:l + c])
         H, W = hq.shape[:2]
         lq, up = degrade(hq, fixed_rng(SEED, idx), scale=2)
         outs = {"lanczos": np.asarray(Image.fromarray(lq).resize((W, H), Image.LANCZOS)),
@@ -141,7 +146,7 @@ def main():
             Image.fromarray(np.concatenate([outs["lanczos"], outs["nlmeans+lanczos"], outs["nano"], hq], axis=1)).save(
                 os.path.join(a.save, f"{name}.png"))
         print(os.path.basename(f), " ".join(f"{m}:{res[m][-1][0]:.2f}/{res[m][-1][2]:.3f}" for m in methods), flush=True)
-    print(f"\n{len(files)} validation photos, x2, fixed-seed degradations (seed {SEED})")
+    print(f"\n{len(files)} validation photos, x2, fixed-seed degradations (seed {SEED}), crop {a.crop or 'full'}")
     print("| method | PSNR (dB) ↑ | SSIM ↑ | ST-LPIPS ↓ |\n|---|---:|---:|---:|")
     summary = {}
     for m in methods:
