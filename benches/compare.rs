@@ -74,12 +74,7 @@ fn main() -> Result<()> {
                 get("timestep")?,
             );
             let (b, _, h, w) = x.dims4()?;
-            let shape = format!(
-                "b{b} {h}x{w} lat, {}L x {}, ctx {}",
-                cfg.num_layers,
-                cfg.inner_dim(),
-                ctx.dim(1)?
-            );
+            let shape = format!("b{b} {h}x{w} lat, {}L x {}, ctx {}", cfg.num_layers, cfg.inner_dim(), ctx.dim(1)?);
             let (ms, y) = median_ms(iters, || Ok(model.forward(x, cond, ctx, pooled, ts)?))?;
             report(name, "transformer forward (incl. control)", shape.clone(), ms, iters);
             outputs.insert("transformer_sample".into(), y);

@@ -32,8 +32,7 @@ fn main() -> Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
     let dir = root.join("prompt_assembly_multitile");
-    let cfg: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("config.json")).context("fixture config")?)?;
+    let cfg: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).context("fixture config")?)?;
     let io = candle_core::safetensors::load(dir.join("io.safetensors"), &Device::Cpu)?;
     let dev = Device::Cpu;
     let vb = |c: &str| -> Result<VarBuilder<'static>> {
@@ -41,27 +40,13 @@ fn main() -> Result<()> {
         Ok(unsafe { VarBuilder::from_mmaped_safetensors(&[p], DType::F32, &dev)? })
     };
     let lc = |c: &str| &cfg["library_configs"][c];
-    let tower = |c: &str| -> Result<ClipVisionModel> {
-        ClipVisionModel::new(&ClipVisionConfig::from_json(lc(c))?, vb(c)?)
-    };
-    let image = ImagePromptEncoder::new(
-        tower("image_encoder_one")?,
-        tower("image_encoder_two")?,
-        PromptConfig::default(),
-    )?;
+    let tower =
+        |c: &str| -> Result<ClipVisionModel> { ClipVisionModel::new(&ClipVisionConfig::from_json(lc(c))?, vb(c)?) };
+    let image =
+        ImagePromptEncoder::new(tower("image_encoder_one")?, tower("image_encoder_two")?, PromptConfig::default())?;
     let text = TextEncoder::new(
-        T5EncoderModel::new(
-            &T5Config::from_json(lc("text_encoder_three"))?,
-            vb("text_encoder_three")?,
-        )?,
-        T5Tokenizer::from_file(
-            dir.join(
-                cfg["tokenizer_files"]["tokenizer_json"]
-                    .as_str()
-                    .unwrap_or_default(),
-            ),
-            256,
-        )?,
+        T5EncoderModel::new(&T5Config::from_json(lc("text_encoder_three"))?, vb("text_encoder_three")?)?,
+        T5Tokenizer::from_file(dir.join(cfg["tokenizer_files"]["tokenizer_json"].as_str().unwrap_or_default()), 256)?,
     );
     let prompt = cfg["prompt"].as_str().unwrap_or_default();
     let global = RgbImage::from_hwc_tensor(&io["global_image_uint8"])?;
@@ -85,11 +70,7 @@ fn main() -> Result<()> {
         pre.pixel_values(&crops.iter().collect::<Vec<_>>(), &dev)
     })?;
     let t_pre_local = median(n, || pre.pixel_values(&[&patch], &dev))?;
-    let (t5, g, l) = (
-        text.embed(prompt)?,
-        image.global_prompt(&global)?,
-        image.local_prompt(&patch)?,
-    );
+    let (t5, g, l) = (text.embed(prompt)?, image.global_prompt(&global)?, image.local_prompt(&patch)?);
     let t_asm = median(n, || assemble(&l, &g, &t5, 77))?;
     let total = t_text + t_global + t_local + t_asm;
     let pct = |d: Duration| 100.0 * d.as_secs_f64() / total.as_secs_f64();
@@ -105,10 +86,7 @@ fn main() -> Result<()> {
         t_global.as_secs_f64() * 1e3,
         pct(t_global)
     );
-    println!(
-        "    of which pre-processing       {:>9.3} ms",
-        t_pre_global.as_secs_f64() * 1e3
-    );
+    println!("    of which pre-processing       {:>9.3} ms", t_pre_global.as_secs_f64() * 1e3);
     println!(
         "  local patch ({}x{})          {:>9.3} ms  {:>5.1} %  per frame",
         patch.width,
@@ -116,15 +94,8 @@ fn main() -> Result<()> {
         t_local.as_secs_f64() * 1e3,
         pct(t_local)
     );
-    println!(
-        "    of which pre-processing       {:>9.3} ms",
-        t_pre_local.as_secs_f64() * 1e3
-    );
-    println!(
-        "  assembly                      {:>9.3} ms  {:>5.1} %  per frame",
-        t_asm.as_secs_f64() * 1e3,
-        pct(t_asm)
-    );
+    println!("    of which pre-processing       {:>9.3} ms", t_pre_local.as_secs_f64() * 1e3);
+    println!("  assembly                      {:>9.3} ms  {:>5.1} %  per frame", t_asm.as_secs_f64() * 1e3, pct(t_asm));
     println!(
         "  cached frame (local + assembly) {:.3} ms of {:.3} ms uncached",
         (t_local + t_asm).as_secs_f64() * 1e3,

@@ -213,8 +213,7 @@ pub trait RestoreEngine: Send {
 }
 
 /// Builds an engine from settings; called when the element goes READY→PAUSED.
-pub type EngineFactory =
-    Arc<dyn Fn(&EngineSettings) -> Result<Box<dyn RestoreEngine>, EngineError> + Send + Sync>;
+pub type EngineFactory = Arc<dyn Fn(&EngineSettings) -> Result<Box<dyn RestoreEngine>, EngineError> + Send + Sync>;
 
 /// The engine the element builds unless told otherwise: DPIR from the `model` directory.
 pub fn default_factory() -> EngineFactory {

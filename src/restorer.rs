@@ -161,7 +161,8 @@ impl DpirModel {
 }
 
 fn load_text_encoder(files: &ModelFiles, dtype: DType, device: &Device) -> Result<TextEncoder, LoadError> {
-    let t = files.manifest.text_encoder.as_ref().ok_or_else(|| LoadError::Invalid("model has no text encoder".into()))?;
+    let t =
+        files.manifest.text_encoder.as_ref().ok_or_else(|| LoadError::Invalid("model has no text encoder".into()))?;
     let cfg = T5Config::from_json(&files.config_json(&t.config)?)
         .map_err(|e| LoadError::Invalid(format!("{}: {e}", files.path(&t.config))))?;
     let vb = files.var_builder(&t.weights, dtype, device)?;

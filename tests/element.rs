@@ -9,9 +9,7 @@ use std::time::Duration;
 use gst::prelude::*;
 use gst_check::Harness;
 use gstdpir::dpirrestore::DpirRestore;
-use gstdpir::engine::{
-    EngineError, EngineSettings, FrameContext, Image, RestoreEngine, StreamInfo, upscale_nearest,
-};
+use gstdpir::engine::{EngineError, EngineSettings, FrameContext, Image, RestoreEngine, StreamInfo, upscale_nearest};
 
 fn init() {
     static INIT: Once = Once::new();
@@ -98,7 +96,7 @@ fn rgb_buffer(w: usize, h: usize, i: u64) -> gst::Buffer {
         let b = buf.get_mut().unwrap();
         b.set_pts(gst::ClockTime::from_mseconds(40 * i));
         b.set_duration(gst::ClockTime::from_mseconds(40));
-        if i % 5 == 0 {
+        if i.is_multiple_of(5) {
             b.set_flags(gst::BufferFlags::DISCONT);
         }
     }
@@ -171,7 +169,8 @@ fn test_engine_interlaced_caps_are_refused_with_a_message_naming_deinterlace() {
     h.push_event(gst::event::StreamStart::new("s"));
     // (A sticky event's push result reflects storage, not acceptance: check the bus.)
     h.push_event(gst::event::Caps::new(&interlaced));
-    let msg = bus.timed_pop_filtered(gst::ClockTime::from_seconds(5), &[gst::MessageType::Error]).expect("error message");
+    let msg =
+        bus.timed_pop_filtered(gst::ClockTime::from_seconds(5), &[gst::MessageType::Error]).expect("error message");
     let gst::MessageView::Error(err) = msg.view() else { unreachable!() };
     assert!(err.error().to_string().contains("deinterlace"), "{}", err.error());
 }
@@ -316,10 +315,12 @@ fn test_engine_failure_becomes_an_element_error_not_a_panic() {
 #[test]
 fn test_engine_load_failure_is_an_element_error_and_the_pipeline_ends() {
     init();
-    let pipeline = gst::parse::launch("videotestsrc num-buffers=3 ! video/x-raw,format=RGB,width=32,height=32 ! dpirrestore name=d ! fakesink")
-        .unwrap()
-        .downcast::<gst::Pipeline>()
-        .unwrap();
+    let pipeline = gst::parse::launch(
+        "videotestsrc num-buffers=3 ! video/x-raw,format=RGB,width=32,height=32 ! dpirrestore name=d ! fakesink",
+    )
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
     let d = pipeline.by_name("d").unwrap();
     d.downcast_ref::<DpirRestore>().unwrap().set_engine_factory(|_s: &EngineSettings| {
         Err(EngineError::Model("model.json not found in /nonexistent: point `model` at a model directory".into()))
@@ -343,12 +344,7 @@ fn test_engine_qos_skips_late_frames_only_when_enabled() {
         h.set_src_caps(caps("RGB", 8, 8));
         h.push_and_pull(rgb_buffer(8, 8, 0)).unwrap();
         // Downstream says: everything before 10 s is late.
-        h.push_upstream_event(gst::event::Qos::new(
-            gst::QOSType::Underflow,
-            2.0,
-            0,
-            gst::ClockTime::from_seconds(10),
-        ));
+        h.push_upstream_event(gst::event::Qos::new(gst::QOSType::Underflow, 2.0, 0, gst::ClockTime::from_seconds(10)));
         for i in 1..5 {
             h.push(rgb_buffer(8, 8, i)).unwrap();
         }
@@ -420,8 +416,23 @@ fn every_property_has_a_blurb_for_gst_inspect() {
     let element = gst::ElementFactory::make("dpirrestore").build().unwrap();
     let names: Vec<String> = element.list_properties().iter().map(|p| p.name().to_string()).collect();
     for required in [
-        "model", "device", "precision", "steps", "seed", "prompt", "scale", "tile-size", "tile-overlap", "color-fix",
-        "lq-latent", "tiling", "noise", "max-inflight", "qos", "scene-threshold", "clip-max-frames",
+        "model",
+        "device",
+        "precision",
+        "steps",
+        "seed",
+        "prompt",
+        "scale",
+        "tile-size",
+        "tile-overlap",
+        "color-fix",
+        "lq-latent",
+        "tiling",
+        "noise",
+        "max-inflight",
+        "qos",
+        "scene-threshold",
+        "clip-max-frames",
     ] {
         assert!(names.iter().any(|n| n == required), "property {required} missing");
     }

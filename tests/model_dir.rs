@@ -18,9 +18,16 @@ const FILM: &str = "Shepard_Calais_1906_FrenchGP.ogv";
 /// The film through the element. `size` scales it down first (the tiny fixture VAE runs at a
 /// few frames/s on 2 cores at full size); no `videorate`: every decoded frame reaches the
 /// element. `frames` bounds the length with `identity eos-after`.
-fn film_pipeline(model: &Path, extra: &str, frames: Option<u32>, size: Option<(u32, u32)>, sink: &str) -> gst::Pipeline {
+fn film_pipeline(
+    model: &Path,
+    extra: &str,
+    frames: Option<u32>,
+    size: Option<(u32, u32)>,
+    sink: &str,
+) -> gst::Pipeline {
     let limit = frames.map(|n| format!("identity eos-after={n} ! ")).unwrap_or_default();
-    let scale = size.map(|(w, h)| format!("videoscale ! video/x-raw,width={w},height={h},")).unwrap_or("video/x-raw,".into());
+    let scale =
+        size.map(|(w, h)| format!("videoscale ! video/x-raw,width={w},height={h},")).unwrap_or("video/x-raw,".into());
     launch(&format!(
         "filesrc location=\"{}\" ! decodebin ! videoconvert ! {scale}format=RGB ! {limit}queue name=in ! \
          dpirrestore name=d model=\"{}\" steps=2 lq-latent=mode seed=7 {extra} ! queue name=out ! {sink}",
@@ -60,7 +67,11 @@ fn fixture_model_restores_the_1906_film_frame_for_frame_and_deterministically() 
     let n_in = n_in.load(Ordering::SeqCst);
     assert!(n_in >= 280, "the whole film (19.2 s at 15 frames/s) is decoded: {n_in} frames");
     assert_eq!(count_frames(&out), n_in, "one output frame per input frame");
-    eprintln!("film: {n_in} frames in {secs:.1} s ({:.1} frames/s), peak RSS {:.0} MiB", n_in as f64 / secs, peak_rss_mib());
+    eprintln!(
+        "film: {n_in} frames in {secs:.1} s ({:.1} frames/s), peak RSS {:.0} MiB",
+        n_in as f64 / secs,
+        peak_rss_mib()
+    );
 
     // Same seed, lq-latent=mode: bit-identical output (first 60 frames).
     let p2 = film_pipeline(&model, "", Some(61), Some((64, 48)), "identity name=o ! fakesink");

@@ -86,9 +86,12 @@ fn test_engine_1906_film_decoded_restored_encoded_keeps_every_frame() {
     .unwrap()
     .downcast::<gst::Pipeline>()
     .unwrap();
-    pipeline.by_name("d").unwrap().downcast_ref::<DpirRestore>().unwrap().set_engine_factory(
-        |_s: &EngineSettings| Ok(Box::new(Nearest(1)) as Box<dyn RestoreEngine>),
-    );
+    pipeline
+        .by_name("d")
+        .unwrap()
+        .downcast_ref::<DpirRestore>()
+        .unwrap()
+        .set_engine_factory(|_s: &EngineSettings| Ok(Box::new(Nearest(1)) as Box<dyn RestoreEngine>));
     run(&pipeline);
     let frames_in = count_frames(&input);
     let frames_out = count_frames(&out);

@@ -14,12 +14,14 @@ use gst_video::prelude::*;
 use super::video;
 use super::{ColorFix, LqLatent, Noise, Precision, Tiling};
 use crate::cache::{ClipRequest, ClipTracker, ClipTrackerSettings};
-use crate::engine::{
-    CancelFlag, EngineError, EngineFactory, EngineSettings, FrameContext, RestoreEngine, StreamInfo,
-};
+use crate::engine::{CancelFlag, EngineError, EngineFactory, EngineSettings, FrameContext, RestoreEngine, StreamInfo};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
-    gst::DebugCategory::new("dpirrestore", gst::DebugColorFlags::empty(), Some("DPIR (dual prompting, DiT) restoration"))
+    gst::DebugCategory::new(
+        "dpirrestore",
+        gst::DebugColorFlags::empty(),
+        Some("DPIR (dual prompting, DiT) restoration"),
+    )
 });
 
 const DEFAULT_SCALE: u32 = 1;
@@ -224,8 +226,7 @@ impl DpirRestore {
     }
 
     fn query_caps(&self, pad: &gst::Pad, filter: Option<&gst::CapsRef>) -> gst::Caps {
-        let (other, towards_src) =
-            if pad == &self.srcpad { (&self.sinkpad, true) } else { (&self.srcpad, false) };
+        let (other, towards_src) = if pad == &self.srcpad { (&self.sinkpad, true) } else { (&self.srcpad, false) };
         let filter = filter.map(|f| f.to_owned());
         let peer_filter = filter.as_ref().map(|f| self.transform_caps(f, !towards_src));
         let peer = other.peer_query_caps(peer_filter.as_ref());
@@ -536,7 +537,13 @@ impl DpirRestore {
                 // Keep upstream informed even if it is not pushing (e.g. waiting on EOS).
                 if err == gst::FlowError::Eos {
                     // Downstream is done: nothing else to do.
-                } else if matches!(err, gst::FlowError::NotLinked | gst::FlowError::Error | gst::FlowError::NotNegotiated | gst::FlowError::NotSupported) {
+                } else if matches!(
+                    err,
+                    gst::FlowError::NotLinked
+                        | gst::FlowError::Error
+                        | gst::FlowError::NotNegotiated
+                        | gst::FlowError::NotSupported
+                ) {
                     gst::element_imp_error!(
                         self,
                         gst::StreamError::Failed,
@@ -677,7 +684,8 @@ impl DpirRestore {
         };
 
         let settings_prompt = self.settings.lock().unwrap().prompt.clone();
-        let prompt = if settings_prompt.is_empty() { w.tag_prompt.clone().unwrap_or_default() } else { settings_prompt };
+        let prompt =
+            if settings_prompt.is_empty() { w.tag_prompt.clone().unwrap_or_default() } else { settings_prompt };
         let index = w.frame_index;
         let (clip_index, new_clip) = w.clips.observe(&image, &prompt);
         let prompt = w.clips.effective_prompt(&prompt);
@@ -776,7 +784,8 @@ impl DpirRestore {
         let settings = self.settings.lock().unwrap().engine_settings();
         let factory = self.factory.lock().unwrap().clone().unwrap_or_else(crate::engine::default_factory);
         let obj = self.obj();
-        let what = settings.model.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "embedded dpir-nano".into());
+        let what =
+            settings.model.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "embedded dpir-nano".into());
         let _ = obj.post_message(
             gst::message::Progress::builder(gst::ProgressType::Start, "load-model", &format!("Loading model {what}"))
                 .src(&*obj)
@@ -850,7 +859,11 @@ impl ObjectSubclass for DpirRestore {
         let templ = klass.pad_template("sink").unwrap();
         let sinkpad = gst::Pad::builder_from_template(&templ)
             .chain_function(|_pad, parent, buffer| {
-                DpirRestore::catch_panic_pad_function(parent, || Err(gst::FlowError::Error), |this| this.sink_chain(buffer))
+                DpirRestore::catch_panic_pad_function(
+                    parent,
+                    || Err(gst::FlowError::Error),
+                    |this| this.sink_chain(buffer),
+                )
             })
             .event_function(|pad, parent, event| {
                 DpirRestore::catch_panic_pad_function(parent, || false, |this| this.sink_event(pad, event))
@@ -1137,9 +1150,7 @@ impl ElementImpl for DpirRestore {
 
     fn pad_templates() -> &'static [gst::PadTemplate] {
         static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
-            let caps = gst_video::VideoCapsBuilder::new()
-                .format_list(video::FORMATS.iter().copied())
-                .build();
+            let caps = gst_video::VideoCapsBuilder::new().format_list(video::FORMATS.iter().copied()).build();
             vec![
                 gst::PadTemplate::new("src", gst::PadDirection::Src, gst::PadPresence::Always, &caps).unwrap(),
                 gst::PadTemplate::new("sink", gst::PadDirection::Sink, gst::PadPresence::Always, &caps).unwrap(),

@@ -69,14 +69,7 @@ pub fn read(format: VideoFormat, width: usize, height: usize, stride: usize, dat
 
 /// Write an [`Image`] into a mapped output frame; alpha (input size) is upscaled by
 /// nearest neighbour, padding bytes of `x` formats are set to opaque.
-pub fn write(
-    format: VideoFormat,
-    img: &Image,
-    alpha: &Alpha,
-    alpha_width: usize,
-    stride: usize,
-    data: &mut [u8],
-) {
+pub fn write(format: VideoFormat, img: &Image, alpha: &Alpha, alpha_width: usize, stride: usize, data: &mut [u8]) {
     let lay = layout(format).expect("format checked at caps time");
     let scale = (img.width / alpha_width.max(1)).max(1);
     for y in 0..img.height {
@@ -116,18 +109,28 @@ mod tests {
     fn rgb_and_bgrx_round_trip_through_image_with_padded_rows() {
         for format in [VideoFormat::Rgb, VideoFormat::Bgrx, VideoFormat::Rgba, VideoFormat::Rgba64Le] {
             let (w, h) = (5usize, 3usize);
-            let bpp = if format == VideoFormat::Rgba64Le { 8 } else if format == VideoFormat::Rgb { 3 } else { 4 };
-            let stride = (w * bpp + 3) / 4 * 4 + 4; // padded rows
+            let bpp = if format == VideoFormat::Rgba64Le {
+                8
+            } else if format == VideoFormat::Rgb {
+                3
+            } else {
+                4
+            };
+            let stride = (w * bpp).div_ceil(4) * 4 + 4; // padded rows
             let data: Vec<u8> = (0..stride * h).map(|i| (i * 37 % 251) as u8).collect();
             let (img, alpha) = read(format, w, h, stride, &data);
             let mut out = vec![0u8; stride * h];
             write(format, &img, &alpha, w, stride, &mut out);
             for y in 0..h {
-                assert_eq!(&out[y * stride..y * stride + w * bpp], &data[y * stride..y * stride + w * bpp]
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &b)| if format == VideoFormat::Bgrx && i % 4 == 3 { 255 } else { b })
-                    .collect::<Vec<u8>>()[..], "{format:?} row {y}");
+                assert_eq!(
+                    &out[y * stride..y * stride + w * bpp],
+                    &data[y * stride..y * stride + w * bpp]
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &b)| if format == VideoFormat::Bgrx && i % 4 == 3 { 255 } else { b })
+                        .collect::<Vec<u8>>()[..],
+                    "{format:?} row {y}"
+                );
             }
         }
     }

@@ -75,11 +75,9 @@ impl ClipVisionConfig {
     pub fn from_json(v: &serde_json::Value) -> Result<Self> {
         if let Some(vc) = v.get("vision_config") {
             let mut vc = vc.clone();
-            if let (None, Some(p), Some(o)) = (
-                vc.get("projection_dim").cloned(),
-                v.get("projection_dim"),
-                vc.as_object_mut(),
-            ) {
+            if let (None, Some(p), Some(o)) =
+                (vc.get("projection_dim").cloned(), v.get("projection_dim"), vc.as_object_mut())
+            {
                 o.insert("projection_dim".into(), p.clone());
             }
             return serde_json::from_value(vc).context("CLIP vision_config");
@@ -115,10 +113,7 @@ struct Attention {
 impl Attention {
     fn new(cfg: &ClipVisionConfig, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
-        ensure!(
-            h.is_multiple_of(cfg.num_attention_heads),
-            "hidden_size {h} not divisible by heads"
-        );
+        ensure!(h.is_multiple_of(cfg.num_attention_heads), "hidden_size {h} not divisible by heads");
         let head_dim = h / cfg.num_attention_heads;
         Ok(Self {
             q: candle_nn::linear(h, h, vb.pp("q_proj"))?,
@@ -133,18 +128,13 @@ impl Attention {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (b, n, c) = xs.dims3()?;
         let hd = c / self.heads;
-        let split = |t: Tensor| {
-            t.reshape((b, n, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let split = |t: Tensor| t.reshape((b, n, self.heads, hd))?.transpose(1, 2)?.contiguous();
         let q = split((self.q.forward(xs)? * self.scale)?)?;
         let k = split(self.k.forward(xs)?)?;
         let v = split(self.v.forward(xs)?)?;
         let att = q.matmul(&k.t()?)?;
         // Softmax in f32 whatever the weight dtype.
-        let att =
-            candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let att = candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         self.out.forward(&o)
     }
@@ -161,10 +151,7 @@ struct EncoderLayer {
 
 impl EncoderLayer {
     fn new(cfg: &ClipVisionConfig, act: ClipActivation, vb: VarBuilder) -> Result<Self> {
-        let ln = LayerNormConfig {
-            eps: cfg.layer_norm_eps,
-            ..Default::default()
-        };
+        let ln = LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
         let h = cfg.hidden_size;
         Ok(Self {
             ln1: candle_nn::layer_norm(h, ln, vb.pp("layer_norm1"))?,
@@ -178,9 +165,7 @@ impl EncoderLayer {
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let xs = (xs + self.attn.forward(&self.ln1.forward(xs)?)?)?;
-        let h = self
-            .act
-            .apply(&self.fc1.forward(&self.ln2.forward(&xs)?)?)?;
+        let h = self.act.apply(&self.fc1.forward(&self.ln2.forward(&xs)?)?)?;
         xs + self.fc2.forward(&h)?
     }
 }
@@ -203,30 +188,15 @@ impl ClipVisionModel {
     /// `vb` at the checkpoint root (keys `vision_model.*`, `visual_projection.weight`).
     pub fn new(cfg: &ClipVisionConfig, vb: VarBuilder) -> Result<Self> {
         let act = ClipActivation::from_name(&cfg.hidden_act)?;
-        ensure!(
-            cfg.image_size.is_multiple_of(cfg.patch_size),
-            "image_size not a multiple of patch_size"
-        );
+        ensure!(cfg.image_size.is_multiple_of(cfg.patch_size), "image_size not a multiple of patch_size");
         let h = cfg.hidden_size;
         let vm = vb.pp("vision_model");
         let emb = vm.pp("embeddings");
-        let conv = Conv2dConfig {
-            stride: cfg.patch_size,
-            ..Default::default()
-        };
-        let patch_embedding = candle_nn::conv2d_no_bias(
-            cfg.num_channels,
-            h,
-            cfg.patch_size,
-            conv,
-            emb.pp("patch_embedding"),
-        )?;
-        let position_embedding =
-            emb.get((cfg.num_patches() + 1, h), "position_embedding.weight")?;
-        let ln = LayerNormConfig {
-            eps: cfg.layer_norm_eps,
-            ..Default::default()
-        };
+        let conv = Conv2dConfig { stride: cfg.patch_size, ..Default::default() };
+        let patch_embedding =
+            candle_nn::conv2d_no_bias(cfg.num_channels, h, cfg.patch_size, conv, emb.pp("patch_embedding"))?;
+        let position_embedding = emb.get((cfg.num_patches() + 1, h), "position_embedding.weight")?;
+        let ln = LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| EncoderLayer::new(cfg, act, vm.pp(format!("encoder.layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
@@ -237,11 +207,7 @@ impl ClipVisionModel {
             pre_layrnorm: candle_nn::layer_norm(h, ln, vm.pp("pre_layrnorm"))?,
             layers,
             post_layernorm: candle_nn::layer_norm(h, ln, vm.pp("post_layernorm"))?,
-            visual_projection: candle_nn::linear_no_bias(
-                h,
-                cfg.projection_dim,
-                vb.pp("visual_projection"),
-            )?,
+            visual_projection: candle_nn::linear_no_bias(h, cfg.projection_dim, vb.pp("visual_projection"))?,
             device: vb.device().clone(),
             dtype: vb.dtype(),
             cfg: cfg.clone(),
@@ -270,37 +236,22 @@ impl ClipVisionModel {
         );
         let px = pixel_values.to_device(&self.device)?.to_dtype(self.dtype)?;
         let h = self.cfg.hidden_size;
-        let patches = self
-            .patch_embedding
-            .forward(&px)?
-            .flatten_from(2)?
-            .transpose(1, 2)?; // [B, P, h]
+        let patches = self.patch_embedding.forward(&px)?.flatten_from(2)?.transpose(1, 2)?; // [B, P, h]
         let cls = self.class_embedding.reshape((1, 1, h))?.expand((b, 1, h))?;
-        let xs = Tensor::cat(&[&cls, &patches], 1)?
-            .broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
+        let xs = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
         let mut xs = self.pre_layrnorm.forward(&xs)?;
         for layer in &self.layers {
             xs = layer.forward(&xs)?;
         }
-        let pooled = self
-            .post_layernorm
-            .forward(&xs.narrow(1, 0, 1)?.squeeze(1)?)?;
+        let pooled = self.post_layernorm.forward(&xs.narrow(1, 0, 1)?.squeeze(1)?)?;
         let image_embeds = self.visual_projection.forward(&pooled)?;
-        Ok(ClipVisionOutput {
-            last_hidden_state: xs,
-            pooled,
-            image_embeds,
-        })
+        Ok(ClipVisionOutput { last_hidden_state: xs, pooled, image_embeds })
     }
 }
 
 /// The CLS token of `last_hidden_state` (raw, before `post_layernorm`), `[B, hidden]`.
 pub fn raw_cls(out: &ClipVisionOutput) -> Result<Tensor> {
-    Ok(out
-        .last_hidden_state
-        .narrow(1, 0, 1)?
-        .squeeze(1)?
-        .contiguous()?)
+    Ok(out.last_hidden_state.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?)
 }
 
 const _: () = {

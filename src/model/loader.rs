@@ -264,7 +264,8 @@ impl ModelFiles {
 
     fn config_files(&self) -> Vec<String> {
         let m = &self.manifest;
-        let mut v = vec![m.transformer.config.clone(), m.image_encoder_one.config.clone(), m.image_encoder_two.config.clone()];
+        let mut v =
+            vec![m.transformer.config.clone(), m.image_encoder_one.config.clone(), m.image_encoder_two.config.clone()];
         if let AutoencoderSpec::AutoencoderKl { config, .. } = &m.vae {
             v.push(config.clone());
         }
@@ -277,7 +278,8 @@ impl ModelFiles {
     /// A component's config.json.
     pub fn config_json(&self, rel: &str) -> Result<serde_json::Value> {
         let raw = self.source.read(rel)?;
-        serde_json::from_slice(&raw).map_err(|e| LoadError::Invalid(format!("{}: not valid JSON: {e}", self.source.path(rel))))
+        serde_json::from_slice(&raw)
+            .map_err(|e| LoadError::Invalid(format!("{}: not valid JSON: {e}", self.source.path(rel))))
     }
 
     /// Refuse pickles, truncated files and non-float tensors; verify sha256 when given.

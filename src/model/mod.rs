@@ -3,9 +3,9 @@
 //! One file per model piece, candle-transformers style (`Config`, `new(cfg, vb)`, `forward`).
 
 pub mod autoencoder;
-pub mod loader;
 pub mod clip;
 pub mod color_fix;
+pub mod loader;
 pub mod pipeline;
 pub mod preprocess;
 pub mod prompt;

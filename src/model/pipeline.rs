@@ -82,7 +82,7 @@ impl<'a> DpirPipeline<'a> {
     /// be multiples of `2 × downscale` (16 for SD3).
     pub fn latent_shape(&self, width: usize, height: usize) -> Result<(usize, usize, usize, usize)> {
         let m = 2 * self.autoencoder.downscale();
-        if width % m != 0 || height % m != 0 {
+        if !width.is_multiple_of(m) || !height.is_multiple_of(m) {
             candle_core::bail!("image size {width}x{height} must be a multiple of {m} on both sides");
         }
         let ds = self.autoencoder.downscale();

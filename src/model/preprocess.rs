@@ -27,32 +27,20 @@ impl RgbImage {
             data.len(),
             width * height * 3
         );
-        Ok(Self {
-            width,
-            height,
-            data,
-        })
+        Ok(Self { width, height, data })
     }
 
     /// From a `[H, W, 3]` u8 tensor (the fixtures' `*_uint8` layout).
     pub fn from_hwc_tensor(t: &Tensor) -> Result<Self> {
         let (h, w, c) = t.dims3()?;
         ensure!(c == 3, "expected [H, W, 3], got {:?}", t.dims());
-        let data = t
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::U8)?
-            .flatten_all()?
-            .to_vec1::<u8>()?;
+        let data = t.to_device(&Device::Cpu)?.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?;
         Self::new(w, h, data)
     }
 
     /// As a `[H, W, 3]` u8 tensor.
     pub fn to_hwc_tensor(&self, device: &Device) -> Result<Tensor> {
-        Ok(Tensor::from_vec(
-            self.data.clone(),
-            (self.height, self.width, 3),
-            device,
-        )?)
+        Ok(Tensor::from_vec(self.data.clone(), (self.height, self.width, 3), device)?)
     }
 
     /// The sub-image of rows `y0..y1`, columns `x0..x1` (must lie inside the image).
@@ -109,9 +97,7 @@ fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
         let n = xmax.saturating_sub(xmin);
-        let mut k: Vec<f64> = (0..n)
-            .map(|x| bicubic(((x + xmin) as f64 - center + 0.5) * ss))
-            .collect();
+        let mut k: Vec<f64> = (0..n).map(|x| bicubic(((x + xmin) as f64 - center + 0.5) * ss)).collect();
         let ww: f64 = k.iter().sum();
         if ww != 0.0 {
             for v in &mut k {
@@ -139,10 +125,7 @@ fn clip8(acc: i64) -> u8 {
 /// Resize like Pillow's `Image.resize(size, BICUBIC)` on an RGB image (antialiased when
 /// downscaling, 8-bit rounding after each pass).
 pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> Result<RgbImage> {
-    ensure!(
-        img.width > 0 && img.height > 0 && out_w > 0 && out_h > 0,
-        "resize: empty image"
-    );
+    ensure!(img.width > 0 && img.height > 0 && out_w > 0 && out_h > 0, "resize: empty image");
     let (w, h) = (img.width, img.height);
     let half = 1i64 << (PRECISION_BITS - 1);
     // Horizontal pass (only if the width changes), over all rows: the rows the vertical pass
@@ -213,16 +196,8 @@ impl Default for ClipPreprocessConfig {
             crop_width: 224,
             rescale_factor: 1.0 / 255.0,
             // Python floats cast to f32, as numpy does (`np.array(mean, dtype=float32)`).
-            mean: [
-                0.48145466f64 as f32,
-                0.4578275f64 as f32,
-                0.40821073f64 as f32,
-            ],
-            std: [
-                0.26862954f64 as f32,
-                0.26130258f64 as f32,
-                0.27577711f64 as f32,
-            ],
+            mean: [0.48145466f64 as f32, 0.4578275f64 as f32, 0.40821073f64 as f32],
+            std: [0.26862954f64 as f32, 0.26130258f64 as f32, 0.27577711f64 as f32],
         }
     }
 }
@@ -231,19 +206,11 @@ impl ClipPreprocessConfig {
     /// Output size `(width, height)` of the shortest-edge resize (transformers'
     /// `get_resize_output_image_size(default_to_square=False)`: the long side is truncated).
     pub fn resized_size(&self, width: usize, height: usize) -> (usize, usize) {
-        let (short, long) = if width <= height {
-            (width, height)
-        } else {
-            (height, width)
-        };
+        let (short, long) = if width <= height { (width, height) } else { (height, width) };
         let s = self.shortest_edge;
         // Python `int(s * long / short)`: a correctly rounded true division, then truncation.
         let new_long = ((s * long) as f64 / short as f64) as usize;
-        if width <= height {
-            (s, new_long)
-        } else {
-            (new_long, s)
-        }
+        if width <= height { (s, new_long) } else { (new_long, s) }
     }
 
     /// The uint8 image after the shortest-edge resize (before the crop).
@@ -259,11 +226,7 @@ impl ClipPreprocessConfig {
     fn crop_normalize(&self, r: &RgbImage, out: &mut Vec<f32>) -> Result<()> {
         let (ch, cw) = (self.crop_height, self.crop_width);
         if r.height < ch || r.width < cw {
-            bail!(
-                "resized image {}x{} smaller than the {cw}x{ch} crop",
-                r.width,
-                r.height
-            );
+            bail!("resized image {}x{} smaller than the {cw}x{ch} crop", r.width, r.height);
         }
         let top = (r.height - ch) / 2;
         let left = (r.width - cw) / 2;
@@ -272,10 +235,7 @@ impl ClipPreprocessConfig {
             for y in top..top + ch {
                 let row = &r.data[(y * r.width + left) * 3..(y * r.width + left + cw) * 3];
                 // `astype(float64) * scale` → float32, then float32 `(x - mean) / std`.
-                out.extend(
-                    row.chunks_exact(3)
-                        .map(|p| (((p[c] as f64 * self.rescale_factor) as f32) - m) / s),
-                );
+                out.extend(row.chunks_exact(3).map(|p| (((p[c] as f64 * self.rescale_factor) as f32) - m) / s));
             }
         }
         Ok(())
@@ -288,11 +248,7 @@ impl ClipPreprocessConfig {
         for img in imgs {
             self.crop_normalize(&self.resize(img)?, &mut v)?;
         }
-        Ok(Tensor::from_vec(
-            v,
-            (imgs.len(), 3, self.crop_height, self.crop_width),
-            device,
-        )?)
+        Ok(Tensor::from_vec(v, (imgs.len(), 3, self.crop_height, self.crop_width), device)?)
     }
 }
 
@@ -321,9 +277,7 @@ mod tests {
     }
 
     fn fnv1a(b: &[u8]) -> u64 {
-        b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &c| {
-            (h ^ c as u64).wrapping_mul(0x100_0000_01b3)
-        })
+        b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &c| (h ^ c as u64).wrapping_mul(0x100_0000_01b3))
     }
 
     /// FNV-1a of Pillow 10.4.0 `Image.fromarray(img).resize((W, H), Image.BICUBIC)` on noise:

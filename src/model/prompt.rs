@@ -72,22 +72,14 @@ pub struct PromptConfig {
 
 impl Default for PromptConfig {
     fn default() -> Self {
-        Self {
-            tile_size: 1024,
-            tile_stride: 960,
-            clip_tokens: 77,
-            tiling: TilingMode::Reference,
-        }
+        Self { tile_size: 1024, tile_stride: 960, clip_tokens: 77, tiling: TilingMode::Reference }
     }
 }
 
 /// Official per-axis window starts (may be empty for `side == tile − stride`).
 fn reference_starts(side: i64, tile: i64, stride: i64) -> Vec<i64> {
     let last = side - tile;
-    let mut v: Vec<i64> = (0..)
-        .map(|i| i * stride)
-        .take_while(|&s| s <= last)
-        .collect();
+    let mut v: Vec<i64> = (0..).map(|i| i * stride).take_while(|&s| s <= last).collect();
     if last.rem_euclid(stride) != 0 {
         v.push(last);
     }
@@ -97,11 +89,7 @@ fn reference_starts(side: i64, tile: i64, stride: i64) -> Vec<i64> {
 /// Python slice `[start : start + tile]` of an axis of length `side`, as `[a, b)`.
 fn effective(start: i64, tile: i64, side: i64) -> (i64, i64) {
     let norm = |i: i64| {
-        if i < 0 {
-            (side + i).max(0)
-        } else {
-            i.min(side)
-        }
+        if i < 0 { (side + i).max(0) } else { i.min(side) }
     };
     (norm(start), norm(start + tile))
 }
@@ -130,24 +118,13 @@ fn axis_windows(side: usize, cfg: &PromptConfig) -> Vec<(i64, i64, i64, i64)> {
 /// Global tiles of a `width × height` image, rows outer, columns inner.
 pub fn global_tiles(width: usize, height: usize, cfg: &PromptConfig) -> Result<Vec<Tile>> {
     ensure!(width > 0 && height > 0, "global image is empty");
-    ensure!(
-        cfg.tile_size > 0 && cfg.tile_stride > 0,
-        "tile size and stride must be positive"
-    );
+    ensure!(cfg.tile_size > 0 && cfg.tile_stride > 0, "tile size and stride must be positive");
     let rows = axis_windows(height, cfg);
     let cols = axis_windows(width, cfg);
     let mut v = Vec::with_capacity(rows.len() * cols.len());
     for &(h0, h1, eh0, eh1) in &rows {
         for &(w0, w1, ew0, ew1) in &cols {
-            v.push(Tile {
-                raw: TileBox { h0, h1, w0, w1 },
-                effective: TileBox {
-                    h0: eh0,
-                    h1: eh1,
-                    w0: ew0,
-                    w1: ew1,
-                },
-            });
+            v.push(Tile { raw: TileBox { h0, h1, w0, w1 }, effective: TileBox { h0: eh0, h1: eh1, w0: ew0, w1: ew1 } });
         }
     }
     Ok(v)
@@ -204,12 +181,7 @@ impl ImagePromptEncoder {
                 preprocess.crop_height
             );
         }
-        Ok(Self {
-            one,
-            two,
-            preprocess,
-            config,
-        })
+        Ok(Self { one, two, preprocess, config })
     }
 
     fn device(&self) -> &Device {
@@ -228,16 +200,9 @@ impl ImagePromptEncoder {
         let o1 = self.one.forward(&px)?;
         let o2 = self.two.forward(&px)?;
         let cls = raw_cls(&o1)?;
-        let e2 = o2
-            .image_embeds
-            .to_device(cls.device())?
-            .to_dtype(cls.dtype())?;
+        let e2 = o2.image_embeds.to_device(cls.device())?.to_dtype(cls.dtype())?;
         let pooled = Tensor::cat(&[&cls, &e2], 1)?;
-        Ok(LocalPrompt {
-            tokens: o1.last_hidden_state,
-            image_embeds_two: e2,
-            pooled,
-        })
+        Ok(LocalPrompt { tokens: o1.last_hidden_state, image_embeds_two: e2, pooled })
     }
 
     /// One token per global tile of `image` (the clip's key frame).
@@ -253,19 +218,9 @@ impl ImagePromptEncoder {
         let refs: Vec<&RgbImage> = crops.iter().collect();
         let px = self.preprocess.pixel_values(&refs, self.device())?;
         let cls_one = raw_cls(&self.one.forward(&px)?)?;
-        let e2 = self
-            .two
-            .forward(&px)?
-            .image_embeds
-            .to_device(cls_one.device())?
-            .to_dtype(cls_one.dtype())?;
+        let e2 = self.two.forward(&px)?.image_embeds.to_device(cls_one.device())?.to_dtype(cls_one.dtype())?;
         let tokens = Tensor::cat(&[&cls_one, &e2], 1)?.unsqueeze(0)?;
-        Ok(GlobalPrompt {
-            tokens,
-            cls_one,
-            image_embeds_two: e2,
-            tiles,
-        })
+        Ok(GlobalPrompt { tokens, cls_one, image_embeds_two: e2, tiles })
     }
 }
 
@@ -275,45 +230,25 @@ fn pad_channels(t: &Tensor, width: usize) -> Result<Tensor> {
     if c > width {
         bail!("cannot pad {c} channels to {width}");
     }
-    Ok(if c == width {
-        t.clone()
-    } else {
-        t.pad_with_zeros(2, 0, width - c)?
-    })
+    Ok(if c == width { t.clone() } else { t.pad_with_zeros(2, 0, width - c)? })
 }
 
 /// `[local ‖ global]` tokens padded/truncated to `clip_tokens`, padded to the T5 width,
 /// followed by the T5 tokens. `text` is `[1, L, d_t5]` from [`TextEncoder::embed`].
-pub fn assemble(
-    local: &LocalPrompt,
-    global: &GlobalPrompt,
-    text: &Tensor,
-    clip_tokens: usize,
-) -> Result<PromptEmbeds> {
+pub fn assemble(local: &LocalPrompt, global: &GlobalPrompt, text: &Tensor, clip_tokens: usize) -> Result<PromptEmbeds> {
     let width = local.pooled.dim(1)?;
     let d_t5 = text.dim(2)?;
     let dev = text.device();
     let dt = text.dtype();
     let loc = pad_channels(&local.tokens.to_device(dev)?.to_dtype(dt)?, width)?;
     let glob = global.tokens.to_device(dev)?.to_dtype(dt)?;
-    ensure!(
-        glob.dim(2)? == width,
-        "global tokens have {} channels, local pooled {width}",
-        glob.dim(2)?
-    );
+    ensure!(glob.dim(2)? == width, "global tokens have {} channels, local pooled {width}", glob.dim(2)?);
     let mut toks = Tensor::cat(&[&loc, &glob], 1)?;
     let n = toks.dim(1)?;
-    toks = if n >= clip_tokens {
-        toks.narrow(1, 0, clip_tokens)?
-    } else {
-        toks.pad_with_zeros(1, 0, clip_tokens - n)?
-    };
+    toks = if n >= clip_tokens { toks.narrow(1, 0, clip_tokens)? } else { toks.pad_with_zeros(1, 0, clip_tokens - n)? };
     let toks = pad_channels(&toks, d_t5)?;
     let prompt_embeds = Tensor::cat(&[&toks, text], 1)?;
-    Ok(PromptEmbeds {
-        prompt_embeds,
-        pooled: local.pooled.to_device(dev)?.to_dtype(dt)?,
-    })
+    Ok(PromptEmbeds { prompt_embeds, pooled: local.pooled.to_device(dev)?.to_dtype(dt)? })
 }
 
 /// Everything needed to build DPIR's conditioning.
@@ -324,12 +259,7 @@ pub struct DualPromptEncoder {
 
 impl DualPromptEncoder {
     /// The official call for one image and prompt: local patch = `patch`, global = `global`.
-    pub fn encode(
-        &self,
-        global: &RgbImage,
-        patch: &RgbImage,
-        prompt: &str,
-    ) -> Result<PromptEmbeds> {
+    pub fn encode(&self, global: &RgbImage, patch: &RgbImage, prompt: &str) -> Result<PromptEmbeds> {
         let text = self.text.embed(prompt)?;
         let g = self.image.global_prompt(global)?;
         let l = self.image.local_prompt(patch)?;
@@ -356,10 +286,7 @@ mod tests {
     use super::*;
 
     fn boxes(w: usize, h: usize, mode: TilingMode) -> Vec<([i64; 4], [i64; 4])> {
-        let cfg = PromptConfig {
-            tiling: mode,
-            ..Default::default()
-        };
+        let cfg = PromptConfig { tiling: mode, ..Default::default() };
         global_tiles(w, h, &cfg)
             .unwrap()
             .into_iter()
@@ -375,21 +302,10 @@ mod tests {
         let b = boxes(1100, 1040, TilingMode::Reference);
         assert_eq!(
             b.iter().map(|x| x.0).collect::<Vec<_>>(),
-            vec![
-                [0, 1024, 0, 1024],
-                [0, 1024, 76, 1100],
-                [16, 1040, 0, 1024],
-                [16, 1040, 76, 1100]
-            ]
+            vec![[0, 1024, 0, 1024], [0, 1024, 76, 1100], [16, 1040, 0, 1024], [16, 1040, 76, 1100]]
         );
-        assert_eq!(
-            boxes(1024, 688, TilingMode::Reference),
-            vec![([-336, 688, 0, 1024], [352, 688, 0, 1024])]
-        );
-        assert_eq!(
-            boxes(96, 80, TilingMode::Reference),
-            vec![([-944, 80, -928, 96], [0, 80, 0, 96])]
-        );
+        assert_eq!(boxes(1024, 688, TilingMode::Reference), vec![([-336, 688, 0, 1024], [352, 688, 0, 1024])]);
+        assert_eq!(boxes(96, 80, TilingMode::Reference), vec![([-944, 80, -928, 96], [0, 80, 0, 96])]);
     }
 
     #[test]
@@ -403,14 +319,8 @@ mod tests {
 
     #[test]
     fn corrected_covers_everything() {
-        assert_eq!(
-            boxes(1024, 688, TilingMode::Corrected),
-            vec![([0, 688, 0, 1024], [0, 688, 0, 1024])]
-        );
-        assert_eq!(
-            boxes(1100, 1040, TilingMode::Corrected),
-            boxes(1100, 1040, TilingMode::Reference)
-        );
+        assert_eq!(boxes(1024, 688, TilingMode::Corrected), vec![([0, 688, 0, 1024], [0, 688, 0, 1024])]);
+        assert_eq!(boxes(1100, 1040, TilingMode::Corrected), boxes(1100, 1040, TilingMode::Reference));
         for (w, h) in [(1, 1), (5000, 333), (1983, 2900)] {
             let b = boxes(w, h, TilingMode::Corrected);
             let mut cov = vec![false; w * h];

@@ -57,7 +57,8 @@ impl FlowMatchEulerScheduler {
         // Construction runs in float32: the training sigmas are t/N for t = N..1, shifted.
         let n = cfg.num_train_timesteps.max(1);
         let shift = cfg.shift as f32;
-        let sigma_max = shift_f32(shift, n as f32 / n as f32);
+        // t = N gives s = N/N = 1 exactly.
+        let sigma_max = shift_f32(shift, 1.0f32);
         let sigma_min = shift_f32(shift, 1.0f32 / n as f32);
         let mut s = Self { cfg, sigma_min, sigma_max, timesteps: vec![], sigmas: vec![0.0] };
         s.set_timesteps(28);

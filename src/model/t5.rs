@@ -96,10 +96,7 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(size, "weight")?,
-            eps,
-        })
+        Ok(Self { weight: vb.get(size, "weight")?, eps })
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
@@ -108,9 +105,7 @@ impl RmsNorm {
         let var = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
         let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         // HF casts back to the weight dtype before scaling.
-        x.to_dtype(self.weight.dtype())?
-            .broadcast_mul(&self.weight)?
-            .to_dtype(dt)
+        x.to_dtype(self.weight.dtype())?.broadcast_mul(&self.weight)?.to_dtype(dt)
     }
 }
 
@@ -144,11 +139,7 @@ impl T5EncoderModel {
     pub fn new(cfg: &T5Config, vb: VarBuilder) -> Result<Self> {
         let (gated, act) = FfAct::parse(&cfg.feed_forward_proj)?;
         let (d, inner) = (cfg.d_model, cfg.num_heads * cfg.d_kv);
-        let emb_name = if vb.contains_tensor("shared.weight") {
-            "shared"
-        } else {
-            "encoder.embed_tokens"
-        };
+        let emb_name = if vb.contains_tensor("shared.weight") { "shared" } else { "encoder.embed_tokens" };
         let embed = candle_nn::embedding(cfg.vocab_size, d, vb.pp(emb_name))?;
         let enc = vb.pp("encoder");
         let relative_attention_bias = candle_nn::embedding(
@@ -163,10 +154,7 @@ impl T5EncoderModel {
             let ff = b.pp("layer.1.DenseReluDense");
             let lin = |i, o, vb: VarBuilder| candle_nn::linear_no_bias(i, o, vb);
             let (wi_0, wi_1) = if gated {
-                (
-                    lin(d, cfg.d_ff, ff.pp("wi_0"))?,
-                    Some(lin(d, cfg.d_ff, ff.pp("wi_1"))?),
-                )
+                (lin(d, cfg.d_ff, ff.pp("wi_0"))?, Some(lin(d, cfg.d_ff, ff.pp("wi_1"))?))
             } else {
                 (lin(d, cfg.d_ff, ff.pp("wi"))?, None)
             };
@@ -233,11 +221,7 @@ impl T5EncoderModel {
             }
         }
         let ids = Tensor::from_vec(ids, (len, len), &self.device)?;
-        Ok(self
-            .relative_attention_bias
-            .forward(&ids)?
-            .permute((2, 0, 1))?
-            .unsqueeze(0)?)
+        Ok(self.relative_attention_bias.forward(&ids)?.permute((2, 0, 1))?.unsqueeze(0)?)
     }
 
     /// `input_ids [B, L]` (any integer dtype) → `last_hidden_state [B, L, d_model]`, no mask.
@@ -249,17 +233,13 @@ impl T5EncoderModel {
         let mut xs = self.embed.forward(&ids)?;
         for blk in &self.blocks {
             let n = blk.ln_attn.forward(&xs)?;
-            let split = |t: Tensor| -> candle_core::Result<Tensor> {
-                t.reshape((b, l, h, dk))?.transpose(1, 2)?.contiguous()
-            };
+            let split =
+                |t: Tensor| -> candle_core::Result<Tensor> { t.reshape((b, l, h, dk))?.transpose(1, 2)?.contiguous() };
             let q = split(blk.q.forward(&n)?)?;
             let k = split(blk.k.forward(&n)?)?;
             let v = split(blk.v.forward(&n)?)?;
             // No 1/sqrt(d) scaling in T5; softmax in f32 (HF `scores.float()`).
-            let scores = q
-                .matmul(&k.t()?)?
-                .to_dtype(DType::F32)?
-                .broadcast_add(&bias)?;
+            let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?.broadcast_add(&bias)?;
             let att = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
             let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h * dk))?;
             xs = (xs + blk.o.forward(&o)?)?;
@@ -289,14 +269,11 @@ pub struct T5Tokenizer {
 impl T5Tokenizer {
     pub fn from_file(path: impl AsRef<Path>, max_length: usize) -> Result<Self> {
         let path = path.as_ref();
-        let mut inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| anyhow!("loading tokenizer {}: {e}", path.display()))?;
+        let mut inner =
+            tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("loading tokenizer {}: {e}", path.display()))?;
         let pad_id = inner.token_to_id("<pad>").unwrap_or(0);
         inner
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length,
-                ..Default::default()
-            }))
+            .with_truncation(Some(tokenizers::TruncationParams { max_length, ..Default::default() }))
             .map_err(|e| anyhow!("tokenizer truncation: {e}"))?;
         inner.with_padding(Some(tokenizers::PaddingParams {
             strategy: tokenizers::PaddingStrategy::Fixed(max_length),
@@ -313,17 +290,9 @@ impl T5Tokenizer {
 
     /// Token ids, exactly `max_length` of them.
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(prompt, true)
-            .map_err(|e| anyhow!("tokenizing: {e}"))?;
+        let enc = self.inner.encode(prompt, true).map_err(|e| anyhow!("tokenizing: {e}"))?;
         let ids = enc.get_ids().to_vec();
-        ensure!(
-            ids.len() == self.max_length,
-            "tokenizer gave {} ids, expected {}",
-            ids.len(),
-            self.max_length
-        );
+        ensure!(ids.len() == self.max_length, "tokenizer gave {} ids, expected {}", ids.len(), self.max_length);
         Ok(ids)
     }
 }

@@ -29,7 +29,7 @@ impl Default for LatentTiling {
 
 impl LatentTiling {
     pub fn validate(&self) -> Result<()> {
-        if self.tile < 2 || self.tile % 2 != 0 {
+        if self.tile < 2 || !self.tile.is_multiple_of(2) {
             candle_core::bail!("latent tile size {} must be even and at least 2", self.tile);
         }
         if self.overlap >= self.tile {
@@ -74,7 +74,7 @@ fn axis_starts(side: usize, tile: usize, stride: usize) -> Vec<usize> {
     }
     let last = side - tile;
     let mut v: Vec<usize> = (0..=last).step_by(stride).collect();
-    if last % stride != 0 {
+    if !last.is_multiple_of(stride) {
         v.push(last);
     }
     v

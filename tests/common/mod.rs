@@ -75,21 +75,27 @@ pub fn count_buffers(pipeline: &gst::Pipeline, name: &str) -> Arc<AtomicU64> {
 pub fn capture(pipeline: &gst::Pipeline, name: &str, max: usize) -> Arc<Mutex<Vec<(gst::Buffer, gst::Caps)>>> {
     let store = Arc::new(Mutex::new(Vec::new()));
     let s2 = store.clone();
-    pipeline.by_name(name).unwrap().static_pad("sink").unwrap().add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
-        if let Some(buf) = info.buffer() {
-            let mut v = s2.lock().unwrap();
-            if v.len() < max {
-                v.push((buf.copy(), pad.current_caps().unwrap()));
+    pipeline.by_name(name).unwrap().static_pad("sink").unwrap().add_probe(
+        gst::PadProbeType::BUFFER,
+        move |pad, info| {
+            if let Some(buf) = info.buffer() {
+                let mut v = s2.lock().unwrap();
+                if v.len() < max {
+                    v.push((buf.copy(), pad.current_caps().unwrap()));
+                }
             }
-        }
-        gst::PadProbeReturn::Ok
-    });
+            gst::PadProbeReturn::Ok
+        },
+    );
     store
 }
 
 /// Decoded video frames in a file.
 pub fn count_frames(path: &Path) -> u64 {
-    let p = launch(&format!("filesrc location=\"{}\" ! decodebin ! videoconvert ! fakesink name=sink sync=false", path.display()));
+    let p = launch(&format!(
+        "filesrc location=\"{}\" ! decodebin ! videoconvert ! fakesink name=sink sync=false",
+        path.display()
+    ));
     let n = count_buffers(&p, "sink");
     run_pipeline(&p).unwrap();
     n.load(Ordering::SeqCst)

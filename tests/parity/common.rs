@@ -212,10 +212,11 @@ pub fn main(runners: &'static [(&'static str, Runner)]) {
                         .map(|v| v.into_iter().map(|p| (p.name.clone(), p)).collect())
                         .map_err(|e| format!("{e:#}"))
                 });
-                let produced = produced.as_ref().map_err(|e| Failed::from(format!("{}: runner failed: {e}", case.name)))?;
-                let p = produced.get(&out).ok_or_else(|| {
-                    Failed::from(format!("{}: runner did not produce output `{out}`", case.name))
-                })?;
+                let produced =
+                    produced.as_ref().map_err(|e| Failed::from(format!("{}: runner failed: {e}", case.name)))?;
+                let p = produced
+                    .get(&out)
+                    .ok_or_else(|| Failed::from(format!("{}: runner did not produce output `{out}`", case.name)))?;
                 let expected = case.io(&out).map_err(|e| Failed::from(e.to_string()))?;
                 let msg = check(&case.name, p, &expected).map_err(|e| Failed::from(e.to_string()))?;
                 if std::env::var_os("DPIR_PARITY_VERBOSE").is_some() {

@@ -39,17 +39,9 @@ pub fn run(case: &Case) -> Result<Vec<Produced>> {
     for prefix in ["pil", "tile"] {
         let img = RgbImage::from_hwc_tensor(&case.io(&format!("{prefix}_image_uint8"))?)?;
         let resized = cfg.resize(&img)?;
-        out.push(produced(
-            &format!("{prefix}_resized_uint8"),
-            resized.to_hwc_tensor(&Device::Cpu)?,
-            Tol::Exact,
-        ));
+        out.push(produced(&format!("{prefix}_resized_uint8"), resized.to_hwc_tensor(&Device::Cpu)?, Tol::Exact));
         let px = cfg.pixel_values(&[&img], &Device::Cpu)?;
-        out.push(produced(
-            &format!("{prefix}_pixel_values"),
-            px,
-            Tol::Abs(1e-6),
-        ));
+        out.push(produced(&format!("{prefix}_pixel_values"), px, Tol::Abs(1e-6)));
     }
     Ok(out)
 }

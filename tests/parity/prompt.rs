@@ -5,27 +5,19 @@ use anyhow::{Result, ensure};
 use candle_core::{Device, Tensor};
 use gstdpir::model::clip::{ClipVisionConfig, ClipVisionModel};
 use gstdpir::model::preprocess::RgbImage;
-use gstdpir::model::prompt::{
-    DualPromptEncoder, ImagePromptEncoder, PromptConfig, TilingMode, assemble,
-};
+use gstdpir::model::prompt::{DualPromptEncoder, ImagePromptEncoder, PromptConfig, TilingMode, assemble};
 use gstdpir::model::t5::{T5Config, T5EncoderModel, T5Tokenizer, TextEncoder};
 
 use crate::common::{Case, FLOAT, Produced, T5_FLOAT, Tol, produced};
 
 /// An integer from config.json, or `default` when the case does not state it.
 fn usize_or(case: &Case, ptr: &str, default: usize) -> usize {
-    case.config
-        .pointer(ptr)
-        .and_then(|v| v.as_u64())
-        .map_or(default, |v| v as usize)
+    case.config.pointer(ptr).and_then(|v| v.as_u64()).map_or(default, |v| v as usize)
 }
 
 pub fn run(case: &Case) -> Result<Vec<Produced>> {
     let tower = |name: &str| -> Result<ClipVisionModel> {
-        ClipVisionModel::new(
-            &ClipVisionConfig::from_json(case.library_config(name)?)?,
-            case.var_builder(name)?,
-        )
+        ClipVisionModel::new(&ClipVisionConfig::from_json(case.library_config(name)?)?, case.var_builder(name)?)
     };
     let d = PromptConfig::default();
     let cfg = PromptConfig {
@@ -34,23 +26,12 @@ pub fn run(case: &Case) -> Result<Vec<Produced>> {
         clip_tokens: usize_or(case, "/call/clip_max_length", d.clip_tokens),
         tiling: TilingMode::Reference,
     };
-    let image = ImagePromptEncoder::new(
-        tower("image_encoder_one")?,
-        tower("image_encoder_two")?,
-        cfg,
-    )?;
+    let image = ImagePromptEncoder::new(tower("image_encoder_one")?, tower("image_encoder_two")?, cfg)?;
 
     let t5_len = case.io("t5_input_ids")?.dim(1)?;
-    let prompt = case
-        .cfg("/prompt")?
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let prompt = case.cfg("/prompt")?.as_str().unwrap_or_default().to_string();
     crate::t5::check_tokenizer(case, std::slice::from_ref(&prompt), "t5_input_ids")?;
-    let rel = case
-        .cfg("/tokenizer_files/tokenizer_json")?
-        .as_str()
-        .unwrap_or_default();
+    let rel = case.cfg("/tokenizer_files/tokenizer_json")?.as_str().unwrap_or_default();
     let t5cfg = T5Config::from_json(case.library_config("text_encoder_three")?)?;
     let text = TextEncoder::new(
         T5EncoderModel::new(&t5cfg, case.var_builder("text_encoder_three")?)?,
@@ -78,11 +59,7 @@ pub fn run(case: &Case) -> Result<Vec<Produced>> {
         pe = dual.encode_lq(&patch, &prompt)?;
     }
     let n_tiles = case.io("tile_boxes_raw")?.dim(0)?;
-    ensure!(
-        g.tiles.len() == n_tiles,
-        "{} tiles, expected {n_tiles}",
-        g.tiles.len()
-    );
+    ensure!(g.tiles.len() == n_tiles, "{} tiles, expected {n_tiles}", g.tiles.len());
 
     let boxes = |eff: bool| -> Result<Tensor> {
         let v: Vec<i64> = g

@@ -8,18 +8,11 @@ use crate::common::{Case, Produced, T5_FLOAT, produced};
 /// Tokenizing the case's prompts must reproduce the stored ids exactly.
 pub fn check_tokenizer(case: &Case, prompts: &[String], ids_name: &str) -> Result<()> {
     let expected = case.io(ids_name)?.to_dtype(DType::I64)?.to_vec2::<i64>()?;
-    let rel = case
-        .cfg("/tokenizer_files/tokenizer_json")?
-        .as_str()
-        .unwrap_or_default();
+    let rel = case.cfg("/tokenizer_files/tokenizer_json")?.as_str().unwrap_or_default();
     let tok = T5Tokenizer::from_file(case.dir.join(rel), expected[0].len())?;
     for (p, e) in prompts.iter().zip(&expected) {
         let got: Vec<i64> = tok.encode(p)?.into_iter().map(i64::from).collect();
-        ensure!(
-            &got == e,
-            "{}: tokenizer ids for {p:?}\n got {got:?}\nwant {e:?}",
-            case.name
-        );
+        ensure!(&got == e, "{}: tokenizer ids for {p:?}\n got {got:?}\nwant {e:?}", case.name);
     }
     Ok(())
 }

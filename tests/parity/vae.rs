@@ -24,10 +24,10 @@ pub fn run(case: &Case) -> Result<Vec<Produced>> {
     let expect_sample = vae.to_model_latent(&post.sample(&noise)?)?;
     ensure!(diff_stats(&z_sample, &expect_sample)?.0 == 0.0, "trait sample differs");
 
-    if std::env::var_os("DPIR_PARITY_VERBOSE").is_some() {
-        if let Ok(e) = case.io("debug_encoder_moments") {
-            eprintln!("{}::debug_encoder_moments (debug): max |diff| = {:.3e}", case.name, diff_stats(&moments, &e)?.0);
-        }
+    if std::env::var_os("DPIR_PARITY_VERBOSE").is_some()
+        && let Ok(e) = case.io("debug_encoder_moments")
+    {
+        eprintln!("{}::debug_encoder_moments (debug): max |diff| = {:.3e}", case.name, diff_stats(&moments, &e)?.0);
     }
     Ok(vec![
         produced("posterior_mean", post.mean.clone(), FLOAT),
