@@ -138,6 +138,7 @@ pub struct EngineSettings {
     pub device: String,
     /// `f32`, `f16` or `bf16`.
     pub precision: String,
+    /// Sampling steps; 0: the model's `sampler.default_steps` (28 if it gives none).
     pub steps: u32,
     pub seed: u64,
     pub prompt: String,
@@ -171,7 +172,7 @@ impl Default for EngineSettings {
             model: None,
             device: "auto".into(),
             precision: "f32".into(),
-            steps: 28,
+            steps: 0,
             seed: 0,
             prompt: String::new(),
             color_fix: "wavelet".into(),

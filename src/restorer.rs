@@ -308,6 +308,7 @@ impl std::fmt::Display for FrameTimings {
 impl DpirEngine {
     pub fn load(settings: &EngineSettings) -> Result<Self, EngineError> {
         let model = shared_model(settings)?;
+        let default_steps = model.files.manifest.sampler.default_steps.unwrap_or(28);
         let color_fix: ColorFix = settings.color_fix.parse().map_err(EngineError::Settings)?;
         if !matches!(settings.lq_latent.as_str(), "sample" | "mode") {
             return Err(EngineError::Settings(format!("unknown lq-latent `{}`", settings.lq_latent)));
@@ -330,7 +331,14 @@ impl DpirEngine {
             info: None,
             cache: ClipCache::default(),
             color_fix,
-            sampler: SamplerOptions { steps: settings.steps as usize, guidance_scale: 1.0, tiling: Some(tiling) },
+            sampler: SamplerOptions {
+                steps: match settings.steps {
+                    0 => default_steps as usize,
+                    n => n as usize,
+                },
+                guidance_scale: 1.0,
+                tiling: Some(tiling),
+            },
             last_time: None,
             last_timings: FrameTimings::default(),
         })

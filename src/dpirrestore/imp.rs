@@ -25,7 +25,8 @@ static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
 });
 
 const DEFAULT_SCALE: u32 = 1;
-const DEFAULT_STEPS: u32 = 28;
+/// 0: the model's own default (`sampler.default_steps` in model.json; DPIR: 28).
+const DEFAULT_STEPS: u32 = 0;
 const DEFAULT_MAX_INFLIGHT: u32 = 2;
 const DEFAULT_SCENE_THRESHOLD: f64 = crate::cache::DEFAULT_SCENE_THRESHOLD;
 
@@ -936,8 +937,8 @@ impl ObjectImpl for DpirRestore {
                     .build(),
                 glib::ParamSpecUInt::builder("steps")
                     .nick("Steps")
-                    .blurb("Sampling steps per frame (official: 28; the embedded model is trained for few)")
-                    .minimum(1)
+                    .blurb("Sampling steps per frame; 0: the model's default (DPIR: 28, the embedded dpir-nano: few)")
+                    .minimum(0)
                     .maximum(1000)
                     .default_value(DEFAULT_STEPS)
                     .mutable_ready()
