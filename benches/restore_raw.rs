@@ -74,6 +74,7 @@ fn main() -> Result<()> {
         engine.describe(),
         load.as_secs_f64()
     );
+    println!("PEAKMEM RESET"); // tests/gpu/peakmem.py: the measured phase starts after loading
     // The first frame pays one-time costs (kernel loading, allocator growth): timed apart.
     let t0 = Instant::now();
     let mut last = engine.restore(&video[0], &ctx_of(0, &video[0])).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -131,6 +131,8 @@ fn main() -> Result<()> {
     let t = Tensor::new(&[857.6923f32], &dev)?;
 
     let control = model.control_features(&z)?;
+    // tests/gpu/peakmem.py: the measured phase starts (the f32 weights made above are freed).
+    println!("PEAKMEM RESET");
     let c_time = median(iters, &dev, || Ok(model.control_features(&z)?))?;
     let s_time = median(iters, &dev, || Ok(model.forward_with_control(&x, &control, &ctx, &pooled, &t)?))?;
     println!(

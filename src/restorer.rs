@@ -322,8 +322,12 @@ impl DpirEngine {
                 settings.warm_start
             )));
         }
-        let tiling =
-            LatentTiling { tile: settings.tile_size as usize, overlap: settings.tile_overlap as usize, batch: 1 };
+        // The transformer cannot take a latent larger than its position table: tiles never exceed it.
+        let tcfg = &model.transformer_config;
+        let max_tile = tcfg.pos_embed_max_size * tcfg.patch_size;
+        let tile = (settings.tile_size as usize).min(max_tile);
+        let overlap = (settings.tile_overlap as usize).min(tile / 4);
+        let tiling = LatentTiling { tile, overlap, batch: 1 };
         tiling.validate().map_err(|e| EngineError::Settings(format!("tile-size/tile-overlap: {e}")))?;
         Ok(Self {
             model,
@@ -518,7 +522,9 @@ impl RestoreEngine for DpirEngine {
             if ctx.cancel.is_cancelled() {
                 EngineError::Cancelled
             } else {
-                EngineError::Runtime(format!("DPIR: {e:#}"))
+                // First line only: with RUST_BACKTRACE set, candle appends a backtrace.
+                let msg = format!("{e:#}");
+                EngineError::Runtime(format!("DPIR: {}", msg.lines().next().unwrap_or_default()))
             }
         })?;
         self.last_time = Some(t0.elapsed());

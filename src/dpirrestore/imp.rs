@@ -540,10 +540,8 @@ impl DpirRestore {
                     // Downstream is done: nothing else to do.
                 } else if matches!(
                     err,
-                    gst::FlowError::NotLinked
-                        | gst::FlowError::Error
-                        | gst::FlowError::NotNegotiated
-                        | gst::FlowError::NotSupported
+                    // FlowError::Error comes with its own element error already posted.
+                    gst::FlowError::NotLinked | gst::FlowError::NotNegotiated | gst::FlowError::NotSupported
                 ) {
                     gst::element_imp_error!(
                         self,

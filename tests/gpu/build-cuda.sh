@@ -18,7 +18,8 @@
 #
 # Environment: CUDA_PYPI (wheel dir, default /root/cuda-pypi/cu13), CUDA_COMPUTE_CAP (default
 # 90: H100/H200; PTX for compute_90), CARGO_TARGET_DIR (default /root/.cache/gst-dpir-cuda-target,
-# kept apart from the CPU build's target dir), FEATURES (cuda or cudnn).
+# kept apart from the CPU build's target dir), FEATURES (cuda or cudnn), BIN_DIR (tests/gpu/bin),
+# TARGETS (cargo target options, default: the two GPU benches).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -63,19 +64,24 @@ if [ ! -e "$lib/stubs/libcuda.so" ] || [ "$sys" -nt "$lib/stubs/libcuda.so" ]; t
         sed 's/.*/int &(void) { return 999; }/' > "$lib/stubs/libcuda_stub.c"
     cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$lib/stubs/libcuda.so" "$lib/stubs/libcuda_stub.c"
 fi
+# Only for a smoke test of the CUDA binaries on a machine without a driver (they need
+# libcuda.so.1 to start, even with device=cpu): LD_LIBRARY_PATH=$lib/stubs:$lib; every CUDA call
+# then fails with CUDA_ERROR_UNKNOWN (999).
+ln -sf libcuda.so "$lib/stubs/libcuda.so.1"
 
 # 3. Build the GPU binaries (model-only: no GStreamer on the GPU machine).
 nice -n 15 cargo build --release --no-default-features --features "$FEATURES" \
     ${TARGETS:---bench transformer_step --bench restore_raw} --message-format=json-render-diagnostics > "$CARGO_TARGET_DIR/cuda-build.json"
-mkdir -p tests/gpu/bin
-python3 - "$CARGO_TARGET_DIR/cuda-build.json" <<'PY'
+BIN_DIR=${BIN_DIR:-tests/gpu/bin}
+mkdir -p "$BIN_DIR"
+python3 - "$CARGO_TARGET_DIR/cuda-build.json" "$BIN_DIR" <<'PY'
 import json, shutil, subprocess, sys
 for line in open(sys.argv[1]):
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("transformer_step", "restore_raw"):
-        dst = "tests/gpu/bin/" + m["target"]["name"]
+        dst = sys.argv[2] + "/" + m["target"]["name"]
         shutil.copy(m["executable"], dst)
         subprocess.run(["strip", dst], check=True)
         print("built", dst)
 PY
-ls -l tests/gpu/bin
+ls -l "$BIN_DIR"

@@ -6,7 +6,8 @@ report itself. Without NVML or a GPU (the CPU check of run.sh) it just runs the 
 
     python3 tests/gpu/peakmem.py -- CMD ARGS...
 
-Prints `PEAK gpu_mem_gib=X` (or `PEAK gpu_mem_gib=nan`) after the command's output and exits with
+A line `PEAKMEM RESET` from the command (not echoed) restarts the peak there, so that start-up
+transients don't count. Prints `PEAK gpu_mem_gib=X` (or `PEAK gpu_mem_gib=nan`) after the command's output and exits with
 the command's status.
 """
 import subprocess
@@ -40,7 +41,16 @@ def main():
     if handle is not None:
         th = threading.Thread(target=sample, daemon=True)
         th.start()
-    rc = subprocess.call(argv)
+    # A child line `PEAKMEM RESET` starts the measured phase: the peak before it (start-up, weights
+    # made in f32 then cast) is forgotten; the baseline stays the memory in use before the launch.
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, bufsize=1)
+    for line in child.stdout:
+        if line.strip() == "PEAKMEM RESET":
+            peak[0] = 0
+            continue
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    rc = child.wait()
     done.set()
     if handle is not None:
         th.join()

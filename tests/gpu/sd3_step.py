@@ -68,6 +68,9 @@ def main():
             pos_embed_max_size=max(192, args.latent),
         )
     model = model.to(device=dev, dtype=dtype).eval()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # the f32 weights of the init: not part of a step's memory
+    print("PEAKMEM RESET", flush=True)  # tests/gpu/peakmem.py: the measured phase starts
     params = sum(p.numel() for p in model.parameters())
 
     x = torch.randn(1, 16, args.latent, args.latent, device=dev, dtype=dtype)
