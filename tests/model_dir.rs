@@ -325,3 +325,19 @@ fn low_memory_frees_the_text_encoder_after_each_new_prompt() {
     assert_eq!(e.stats().text_encodes, 2);
     std::fs::remove_dir_all(&d).ok();
 }
+
+#[test]
+fn embedded_dpir_nano_restores_real_footage_with_no_model_property() {
+    // Whatever `weights/dpir-nano/` held at build time is compiled in; no files are read.
+    let p = launch(&format!(
+        "filesrc location=\"{}\" ! decodebin ! videoconvert ! videoscale ! video/x-raw,format=RGB,width=64,height=48 ! \
+         identity eos-after=4 ! dpirrestore scale=2 lq-latent=mode ! identity name=o ! fakesink sync=false",
+        media(FILM).display()
+    ));
+    let outs = capture(&p, "o", 10);
+    run_pipeline(&p).expect("embedded model");
+    let outs = outs.lock().unwrap();
+    assert!(!outs.is_empty());
+    let s = outs[0].1.structure(0).unwrap().to_owned();
+    assert_eq!((s.get::<i32>("width").unwrap(), s.get::<i32>("height").unwrap()), (128, 96));
+}

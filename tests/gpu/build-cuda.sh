@@ -16,8 +16,8 @@
 # the driver (13.0 <-> driver 580). CUDA 12.x `nvidia-cuda-nvcc-cu12` wheels ship ptxas but no
 # nvcc; the CUDA 13 `nvidia-cuda-nvcc` wheels ship nvcc, cicc and the headers.
 #
-# Environment: CUDA_PYPI (wheel dir, default /root/cuda-pypi/cu13), CUDA_COMPUTE_CAP (default
-# 90: H100/H200; PTX for compute_90), CARGO_TARGET_DIR (default /root/.cache/gst-dpir-cuda-target,
+# Environment: CUDA_PYPI (wheel dir, default /root/cuda-pypi/cu13; cuDNN goes to $CUDA_PYPI-cudnn),
+# CUDA_COMPUTE_CAP (default 90: H100/H200; kernels for sm_90a), CARGO_TARGET_DIR (default /root/.cache/gst-dpir-cuda-target,
 # kept apart from the CPU build's target dir), FEATURES (cuda or cudnn), BIN_DIR (tests/gpu/bin),
 # TARGETS (cargo target options, default: the two GPU benches).
 set -euo pipefail
@@ -32,12 +32,17 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/gst-dpir-cuda-target}
 wheels=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88
         nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-cccl==13.0.85
         nvidia-cublas==13.1.1.3 nvidia-curand==10.4.0.35)
-[ "$FEATURES" = cudnn ] && wheels+=(nvidia-cudnn-cu13==9.24.0.43)
-stamp="$CUDA_PYPI/.installed-$(echo "${wheels[*]}" | sha1sum | cut -c1-12)"
-if [ ! -e "$stamp" ]; then
-    python3 -m pip install --no-deps --upgrade --target "$CUDA_PYPI" "${wheels[@]}"
-    touch "$stamp"
-fi
+install() { # DIR WHEEL... : once per wheel set (pip --target --upgrade replaces DIR/nvidia whole)
+    local dir=$1; shift
+    local stamp="$dir/.installed-$(echo "$*" | sha1sum | cut -c1-12)"
+    if [ ! -e "$stamp" ]; then
+        python3 -m pip install --no-deps --upgrade --target "$dir" "$@"
+        touch "$stamp"
+    fi
+}
+install "$CUDA_PYPI" "${wheels[@]}"
+# cuDNN (feature cudnn) in a folder of its own, so that neither install removes the other.
+[ "$FEATURES" = cudnn ] && install "$CUDA_PYPI-cudnn" nvidia-cudnn-cu13==9.24.0.43
 export CUDA_ROOT="$CUDA_PYPI/nvidia/cu13"     # bin/nvcc, include/, lib/, nvvm/ (one merged tree)
 export CUDA_HOME="$CUDA_ROOT" CUDA_PATH="$CUDA_ROOT"
 export PATH="$CUDA_ROOT/bin:$PATH"
@@ -53,8 +58,7 @@ for so in "$lib"/libcudart.so.13 "$lib"/libcublas.so.13 "$lib"/libcublasLt.so.13
     ln -sf "$(basename "$so")" "${so%.so.*}.so"
 done
 if [ "$FEATURES" = cudnn ]; then
-    for so in "$CUDA_PYPI"/nvidia/cudnn/lib/libcudnn*.so.9; do ln -sf "$so" "$lib/$(basename "${so%.9}")"; done
-    export CPATH="$CUDA_PYPI/nvidia/cudnn/include${CPATH:+:$CPATH}"
+    for so in "$CUDA_PYPI-cudnn"/nvidia/cudnn/lib/libcudnn*.so.9; do ln -sf "$so" "$lib/$(basename "${so%.9}")"; done
 fi
 cargo fetch --quiet
 sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-"$(grep -A1 '^name = "cudarc"' Cargo.lock | sed -n 's/version = "\(.*\)"/\1/p')"/src/driver/sys/mod.rs | head -1)

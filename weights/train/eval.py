@@ -112,6 +112,7 @@ def main():
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--save", default="")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=0, help="override model.json default_steps")
     ap.add_argument("--crop", type=int, default=0, help="centre-crop each validation image to at most this side (0: full <=512 crop)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -120,6 +121,8 @@ def main():
         files = files[:a.limit]
     lp = stlpips_model()
     mj, tr, vae, pe = load_model(a.model)
+    if a.steps:
+        mj["sampler"]["default_steps"] = a.steps
     methods = ["lanczos", "hqdn3d+lanczos", "nlmeans+lanczos", "nano", "nano+wavelet"]
     res = {m: [] for m in methods}
     for idx, f in enumerate(files):
@@ -153,7 +156,7 @@ def main():
         r = np.array(res[m])
         summary[m] = r.mean(0).tolist()
         print(f"| {m} | {r[:, 0].mean():.2f} | {r[:, 1].mean():.4f} | {r[:, 2].mean():.4f} |")
-    json.dump(summary, open(os.path.join(DATA, "logs/eval_summary.json"), "w"), indent=1)
+    json.dump(summary, open(os.path.join(DATA, f"logs/eval_summary_c{a.crop}_s{mj['sampler']['default_steps']}.json"), "w"), indent=1)
 
 
 if __name__ == "__main__":
