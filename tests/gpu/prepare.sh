@@ -8,16 +8,16 @@
 # ["tests/gpu/bin", "tests/gpu/frames", "tests/gpu/wheels"]), with a model directory if the build
 # has no embedded dpir-nano (DPIR_MODEL=... there).
 #
-# FILM_FRAMES (default 61, of the film's 460: run.sh restores 60) bounds what travels: 137 KB a
-# frame. The device tool carries 64 MiB at most: bin ~31 MB (more with an embedded model),
-# frames 8 MB, wheels 6.4 MB.
+# FILM_FRAMES (default 41, of the film's 460: run.sh restores 40) bounds what travels: 137 KB a
+# frame. The device tool carries 64 MiB at most: bin ~40 MB (with the embedded dpir-nano),
+# frames 5.6 MB, wheels 6.4 MB; the work tree itself ~11 MB.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ "${NO_BUILD:-0}" = 1 ] || tests/gpu/build-cuda.sh
 
 film=${FILM:-../shared/media/Shepard_Calais_1906_FrenchGP.ogv}
 [ -e "$film" ] || film=/usr/share/doc/python-nbsphinx/html/www/wikimediacommons/Shepard_Calais_1906_FrenchGP.ogv
-n=${FILM_FRAMES:-61}
+n=${FILM_FRAMES:-41}
 mkdir -p tests/gpu/frames
 # RGBx: 4 bytes a pixel, so rows carry no padding whatever the width (214 here).
 gst-launch-1.0 -q filesrc location="$film" ! decodebin ! videoconvert ! \

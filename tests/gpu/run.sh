@@ -11,7 +11,7 @@
 # Environment: PYTHON (default python3), ITERS (timed steps, default 5), DTYPE (bf16),
 # LAYERS/HEADS/LATENT/CTX (default 24/24/128/333: SD3-medium at 1024x1024, 4096 + 333 tokens),
 # DPIR_MODEL (model directory for the film; default: the binary's embedded dpir-nano),
-# FILM_PRECISION (bf16), FILM_FRAMES (default 60), FILM_SCALE (2), FILM_STEPS (model default),
+# FILM_PRECISION (bf16), FILM_FRAMES (default 40), FILM_SCALE (2), FILM_STEPS (model default),
 # DEVICE (cuda:0). SMALL=1: a CPU check of this script itself (tiny shapes, f32, device cpu,
 # the CPU builds of the benches in BIN).
 set -uo pipefail
@@ -27,7 +27,7 @@ if [ "${SMALL:-0}" = 1 ]; then
     FILM_STEPS=${FILM_STEPS:-2} CUDA=0 PYDEV=cpu
 else
     LAYERS=${LAYERS:-24} HEADS=${HEADS:-24} LATENT=${LATENT:-128} CTX=${CTX:-333} DTYPE=${DTYPE:-bf16}
-    DEVICE=${DEVICE:-cuda:0} FILM_PRECISION=${FILM_PRECISION:-bf16} FILM_FRAMES=${FILM_FRAMES:-60}
+    DEVICE=${DEVICE:-cuda:0} FILM_PRECISION=${FILM_PRECISION:-bf16} FILM_FRAMES=${FILM_FRAMES:-40}
     CUDA=1 PYDEV=cuda
 fi
 
