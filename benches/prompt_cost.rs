@@ -11,7 +11,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use gstdpir::model::clip::{ClipVisionConfig, ClipVisionModel};
 use gstdpir::model::preprocess::RgbImage;
-use gstdpir::model::prompt::{ImagePromptEncoder, PromptConfig, assemble, global_tiles};
+use gstdpir::model::prompt::{ImagePromptEncoder, PromptConfig, assemble};
 use gstdpir::model::t5::{T5Config, T5EncoderModel, T5Tokenizer, TextEncoder};
 use serde_json::Value;
 
@@ -58,17 +58,7 @@ fn main() -> Result<()> {
     let t_local = median(n, || image.local_prompt(&patch))?;
     // Of which CPU pre-processing (crop, PIL-exact bicubic resize, normalise).
     let pre = &image.preprocess;
-    let tiles = global_tiles(global.width, global.height, &image.config)?;
-    let t_pre_global = median(n, || {
-        let crops = tiles
-            .iter()
-            .map(|t| {
-                let e = t.effective;
-                global.crop(e.w0 as usize, e.h0 as usize, e.w1 as usize, e.h1 as usize)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        pre.pixel_values(&crops.iter().collect::<Vec<_>>(), &dev)
-    })?;
+    let t_pre_global = median(n, || image.global_pixel_values(&global))?;
     let t_pre_local = median(n, || pre.pixel_values(&[&patch], &dev))?;
     let (t5, g, l) = (text.embed(prompt)?, image.global_prompt(&global)?, image.local_prompt(&patch)?);
     let t_asm = median(n, || assemble(&l, &g, &t5, 77))?;

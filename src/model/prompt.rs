@@ -207,6 +207,16 @@ impl ImagePromptEncoder {
 
     /// One token per global tile of `image` (the clip's key frame).
     pub fn global_prompt(&self, image: &RgbImage) -> Result<GlobalPrompt> {
+        let (tiles, px) = self.global_pixel_values(image)?;
+        let cls_one = raw_cls(&self.one.forward(&px)?)?;
+        let e2 = self.two.forward(&px)?.image_embeds.to_device(cls_one.device())?.to_dtype(cls_one.dtype())?;
+        let tokens = Tensor::cat(&[&cls_one, &e2], 1)?.unsqueeze(0)?;
+        Ok(GlobalPrompt { tokens, cls_one, image_embeds_two: e2, tiles })
+    }
+
+    /// The global tiles of `image` and their CLIP pixel values `[N, 3, 224, 224]` (the CPU
+    /// pre-processing part of [`Self::global_prompt`]).
+    pub fn global_pixel_values(&self, image: &RgbImage) -> Result<(Vec<Tile>, Tensor)> {
         let tiles = global_tiles(image.width, image.height, &self.config)?;
         let crops = tiles
             .iter()
@@ -217,10 +227,7 @@ impl ImagePromptEncoder {
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<&RgbImage> = crops.iter().collect();
         let px = self.preprocess.pixel_values(&refs, self.device())?;
-        let cls_one = raw_cls(&self.one.forward(&px)?)?;
-        let e2 = self.two.forward(&px)?.image_embeds.to_device(cls_one.device())?.to_dtype(cls_one.dtype())?;
-        let tokens = Tensor::cat(&[&cls_one, &e2], 1)?.unsqueeze(0)?;
-        Ok(GlobalPrompt { tokens, cls_one, image_embeds_two: e2, tiles })
+        Ok((tiles, px))
     }
 }
 
