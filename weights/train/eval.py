@@ -72,7 +72,7 @@ def wavelet_color_fix(target, source):
 
 
 @torch.no_grad()
-def nano_restore(mj, tr, vae, pe, up_u8, seed=SEED):
+def nano_restore(mj, tr, vae, pe, up_u8, seed=SEED, tile=0):
     H, W = up_u8.shape[:2]
     up = torch.from_numpy(up_u8).permute(2, 0, 1)[None].float() / 255.0
     sf, sh = vae.config.scaling_factor, vae.config.shift_factor or 0.0
@@ -82,12 +82,22 @@ def nano_restore(mj, tr, vae, pe, up_u8, seed=SEED):
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(z_lq.shape, generator=g)
     s = mj["sampler"]
-    z = M.sample(tr, z_lq, ctx, pooled, noise, s["default_steps"], s["shift"])
+    tile = tile or tr.config.pos_embed_max_size * tr.config.patch_size  # the plugin's largest latent tile
+    z = M.sample(tr, z_lq, ctx, pooled, noise, s["default_steps"], s["shift"], tile=tile, overlap=min(8, tile // 4))
     dec = vae.decoder(z / sf + sh)
     out01 = ((dec + 1) / 2).clamp(0, 1)
     wav = wavelet_color_fix(out01, up).clamp(0, 1)
     to8 = lambda t: (t[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     return to8(out01), to8(wav)
+
+
+@torch.no_grad()
+def ae_round_trip(vae, hq_u8):
+    x = torch.from_numpy(hq_u8).permute(2, 0, 1)[None].float() / 127.5 - 1
+    H, W = x.shape[-2:]
+    xp = F.pad(x, (0, (-W) % 16, 0, (-H) % 16), mode="replicate")
+    dec = vae.decoder(vae.encoder(xp).chunk(2, dim=1)[0])[..., :H, :W]
+    return (((dec[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
 def ffmpeg_chain(lq_u8, W, H, filt):
@@ -112,6 +122,7 @@ def main():
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--save", default="")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tile", type=int, default=0, help="latent tile (0: pos_embed_max_size * patch_size, as the plugin)")
     ap.add_argument("--steps", type=int, default=0, help="override model.json default_steps")
     ap.add_argument("--crop", type=int, default=0, help="centre-crop each validation image to at most this side (0: full <=512 crop)")
     a = ap.parse_args()
@@ -123,7 +134,7 @@ def main():
     mj, tr, vae, pe = load_model(a.model)
     if a.steps:
         mj["sampler"]["default_steps"] = a.steps
-    methods = ["lanczos", "hqdn3d+lanczos", "nlmeans+lanczos", "nano", "nano+wavelet"]
+    methods = ["lanczos", "hqdn3d+lanczos", "nlmeans+lanczos", "nano", "nano+wavelet", "ae round trip of HQ"]
     res = {m: [] for m in methods}
     for idx, f in enumerate(files):
         hq = np.asarray(Image.open(f).convert("RGB"))
@@ -136,7 +147,8 @@ def main():
         outs = {"lanczos": np.asarray(Image.fromarray(lq).resize((W, H), Image.LANCZOS)),
                 "hqdn3d+lanczos": ffmpeg_chain(lq, W, H, "hqdn3d=4:3:6:4.5"),
                 "nlmeans+lanczos": ffmpeg_chain(lq, W, H, "nlmeans=s=3:p=7:r=9")}
-        outs["nano"], outs["nano+wavelet"] = nano_restore(mj, tr, vae, pe, up)
+        outs["nano"], outs["nano+wavelet"] = nano_restore(mj, tr, vae, pe, up, tile=a.tile)
+        outs["ae round trip of HQ"] = ae_round_trip(vae, hq)  # the autoencoder's ceiling, not a method
         t_hq = torch.from_numpy(hq).permute(2, 0, 1)[None].float() / 127.5 - 1
         for m in methods:
             o = outs[m]

@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--shift", type=float, default=3.0)
     ap.add_argument("--color-fix", default="none")
+    ap.add_argument("--pos-embed-max-size", type=int, default=8)
     a = ap.parse_args()
     out = a.out
     for d in ["transformer", "vae", "image_encoder_one", "image_encoder_two"]:
@@ -48,7 +49,16 @@ def main():
     ck = torch.load(os.path.join(T.DATA, "ckpt/dit.pt"), weights_only=False)
     if "dec" in ck:  # decoder fine-tuned during the DiT stage (encoder / latent space unchanged)
         vae.decoder.load_state_dict(ck["dec"])
-    tr = M.make_transformer(); tr.load_state_dict(ck["tr"])
+    dec_path = os.path.join(T.DATA, "ckpt/dec.pt")
+    if os.path.exists(dec_path):  # stage `dec`: decoder fine-tuned on the sampler's outputs
+        vae.decoder.load_state_dict(torch.load(dec_path, weights_only=False, map_location="cpu")["dec"])
+    # The positional table is all zeros; its size only bounds the plugin's latent tile (pos_embed_max_size x
+    # patch_size). --pos-embed-max-size 8 -> 16-latent (128 px) tiles = the training crop, measured best.
+    M.TRANSFORMER["pos_embed_max_size"] = a.pos_embed_max_size
+    tr = M.make_transformer()
+    sd = dict(ck["tr"]); sd["pos_embed.pos_embed"] = torch.zeros_like(tr.pos_embed.pos_embed)
+    assert ck["tr"]["pos_embed.pos_embed"].abs().max() == 0, "the trained positional table is not all zeros"
+    tr.load_state_dict(sd)
     pe = M.PromptEncoder(); pe.load_state_dict(ck["pe"])
     meta = {"format": "pt", "model": "dpir-nano"}
 

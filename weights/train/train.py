@@ -44,8 +44,23 @@ def taesd_encoder(path="/work/shared/weights/taesd3/taesd3_encoder.safetensors",
 
 
 # ------------------------------------------------------------------ data
+_POOL = {}
+
 def load_pool(size=128):
-    return np.load(os.path.join(DATA, f"pool_train_{size}.npy"), mmap_mode="r")
+    """The crop pool: `pool_train_<S>.npy` (memory-mapped), or `pool_train_<S>.jpgpack` (the same crops as JPEG
+    q90 4:4:4, made by `pack_pool.py` so the pool fits the 64 MiB a GPU machine is sent), decoded once."""
+    npy = os.path.join(DATA, f"pool_train_{size}.npy")
+    if os.path.exists(npy):
+        return np.load(npy, mmap_mode="r")
+    if size not in _POOL:
+        import io
+        from PIL import Image
+        pack = os.path.join(DATA, f"pool_train_{size}.jpgpack")
+        offs = np.load(pack + ".offsets.npy")
+        raw = open(pack, "rb").read()
+        _POOL[size] = np.stack([np.asarray(Image.open(io.BytesIO(raw[offs[i]:offs[i + 1]])).convert("RGB"))
+                                for i in range(len(offs) - 1)])
+    return _POOL[size]
 
 def augment(a, rng):
     k = int(rng.integers(4))
@@ -79,10 +94,18 @@ def to_pm1(u8):
 
 
 # ------------------------------------------------------------------ checkpoints
+EXPORT_DIR = None  # --export-dir: also write weights-only copies there (what a GPU machine sends back)
+
 def save_ckpt(path, **objs):
     tmp = path + ".tmp"
     torch.save(objs, tmp)
     os.replace(tmp, path)
+    if EXPORT_DIR:
+        slim = {k: ({n: t.detach().half().cpu() for n, t in v.items()} if k in ("vae", "tr", "pe", "dec") else v)
+                for k, v in objs.items() if not k.endswith("opt")}
+        dst = os.path.join(EXPORT_DIR, os.path.basename(path))
+        torch.save(slim, dst + ".tmp")
+        os.replace(dst + ".tmp", dst)
 
 def log(f, **kv):
     s = json.dumps(kv)
@@ -94,15 +117,18 @@ def log(f, **kv):
 def train_ae(a):
     os.makedirs(os.path.join(DATA, "ckpt"), exist_ok=True)
     path = os.path.join(DATA, "ckpt/ae.pt")
-    vae = M.make_vae()
+    dev = torch.device(a.device)
+    vae = M.make_vae().to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=a.lr, weight_decay=0.0)
     step, spent = 0, 0.0
     if os.path.exists(path):
-        ck = torch.load(path, weights_only=False)
+        ck = torch.load(path, weights_only=False, map_location=dev)
         vae.load_state_dict(ck["vae"]); opt.load_state_dict(ck["opt"]); step, spent = ck["step"], ck["spent"]
         print("resumed ae at", step)
-    teacher = taesd_encoder() if a.w_lat > 0 else None
+    teacher = taesd_encoder().to(dev) if a.w_lat > 0 else None
     pool = load_pool(128)
+    # on a GPU the whole pool sits on the device as uint8 and batches are cut there (no loader needed)
+    pool_dev = torch.from_numpy(np.ascontiguousarray(pool)).to(dev) if dev.type == "cuda" else None
     rng = np.random.default_rng(1234 + step)
     lf = open(os.path.join(DATA, "logs/ae.jsonl"), "a")
     t0 = time.time() - spent
@@ -110,11 +136,18 @@ def train_ae(a):
     while step < a.steps and (time.time() - t0) < a.minutes * 60:
         S = a.crop
         idx = rng.integers(0, len(pool), a.batch)
-        b = []
-        for i in idx:
-            y, x = rng.integers(0, 128 - S + 1, 2)
-            b.append(augment(np.asarray(pool[i][y:y + S, x:x + S]), rng))
-        u8 = torch.from_numpy(np.stack(b)).permute(0, 3, 1, 2)
+        if pool_dev is not None:
+            y, x = (int(v) for v in rng.integers(0, 128 - S + 1, 2))
+            u8 = pool_dev[torch.from_numpy(idx).to(dev), y:y + S, x:x + S].permute(0, 3, 1, 2)
+            u8 = torch.rot90(u8, int(rng.integers(4)), dims=(2, 3))
+            if rng.random() < 0.5:
+                u8 = u8.flip(3)
+        else:
+            b = []
+            for i in idx:
+                y, x = rng.integers(0, 128 - S + 1, 2)
+                b.append(augment(np.asarray(pool[i][y:y + S, x:x + S]), rng))
+            u8 = torch.from_numpy(np.stack(b)).permute(0, 3, 1, 2)
         x01 = u8.float() / 255.0
         frac = min(1.0, (time.time() - t0) / (a.minutes * 60))
         lr = a.lr * min(1.0, (step + 1) / 50) * (0.9 * 0.5 * (1 + math.cos(math.pi * frac)) + 0.1)
@@ -146,7 +179,7 @@ def train_ae(a):
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
-        if step % 20 == 0:
+        if step % a.log_every == 0:
             mse = F.mse_loss(rec.detach().clamp(-1, 1), x01 * 2 - 1).item() / 4
             log(lf, stage="ae", step=step, t=round(time.time() - t0), loss=round(loss.item(), 4), rec=round(l_rec.item(), 4),
                 kl=round(l_kl.item(), 4), lat=round(l_lat.item(), 4), psnr=round(10 * math.log10(1 / max(mse, 1e-10)), 2),
@@ -172,13 +205,13 @@ def draw_sigma(n, steps, shift, rng):
     return torch.tensor(out, dtype=torch.float32)
 
 
-def load_vae_frozen():
+def load_vae_frozen(dev="cpu"):
     """The trained AE with its latent normalisation (shift_factor, scaling_factor) measured on the training
     pool (posterior means of 256 random 128x128 crops) and stored in ckpt/ae_norm.json; M.VAE is updated."""
     vae = M.make_vae()
-    ck = torch.load(os.path.join(DATA, "ckpt/ae.pt"), weights_only=False)
+    ck = torch.load(os.path.join(DATA, "ckpt/ae.pt"), weights_only=False, map_location="cpu")
     vae.load_state_dict(ck["vae"])
-    vae = vae.eval().requires_grad_(False)
+    vae = vae.to(dev).eval().requires_grad_(False)
     npath = os.path.join(DATA, "ckpt/ae_norm.json")
     if not os.path.exists(npath):
         pool = load_pool(128)
@@ -187,11 +220,13 @@ def load_vae_frozen():
         with torch.no_grad():
             for i in range(0, 256, 32):
                 u8 = torch.from_numpy(np.stack([np.asarray(pool[j]) for j in rng.integers(0, len(pool), 32)])).permute(0, 3, 1, 2)
-                ms.append(vae.encoder(to_pm1(u8)).chunk(2, dim=1)[0])
+                ms.append(vae.encoder(to_pm1(u8.to(dev))).chunk(2, dim=1)[0])
         m = torch.cat(ms)
         norm = {"shift_factor": round(m.mean().item(), 4), "scaling_factor": round(1.0 / m.std().item(), 4),
                 "ae_steps": ck["step"], "ae_seconds": round(ck["spent"])}
         json.dump(norm, open(npath, "w"))
+        if EXPORT_DIR:
+            json.dump(norm, open(os.path.join(EXPORT_DIR, "ae_norm.json"), "w"))
     norm = json.load(open(npath))
     M.VAE["shift_factor"] = norm["shift_factor"]; M.VAE["scaling_factor"] = norm["scaling_factor"]
     vae.register_to_config(shift_factor=norm["shift_factor"], scaling_factor=norm["scaling_factor"])
@@ -207,9 +242,10 @@ def encode_mode(vae, img_pm1):
 
 def train_dit(a):
     path = os.path.join(DATA, "ckpt/dit.pt")
-    vae = load_vae_frozen()
-    tr = M.make_transformer()
-    pe = M.PromptEncoder()
+    dev = torch.device(a.device)
+    vae = load_vae_frozen(dev)
+    tr = M.make_transformer().to(dev)
+    pe = M.PromptEncoder().to(dev)
     params = list(tr.parameters()) + list(pe.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01, betas=(0.9, 0.99))
     # The AE decoder keeps training (every --dec-every steps) while the DiT trains: the encoder, hence the
@@ -218,17 +254,24 @@ def train_dit(a):
     dec_opt = torch.optim.AdamW(dec_params, lr=a.dec_lr)
     step, spent = 0, 0.0
     if os.path.exists(path):
-        ck = torch.load(path, weights_only=False)
-        tr.load_state_dict(ck["tr"]); pe.load_state_dict(ck["pe"]); opt.load_state_dict(ck["opt"])
+        ck = torch.load(path, weights_only=False, map_location=dev)
+        tr.load_state_dict(ck["tr"]); pe.load_state_dict(ck["pe"])
         if "dec" in ck:
-            vae.decoder.load_state_dict(ck["dec"]); dec_opt.load_state_dict(ck["dec_opt"])
+            vae.decoder.load_state_dict(ck["dec"])
+        # a weights-only checkpoint (what a GPU machine sends back) has no optimiser state: warm up again
+        if "opt" in ck:
+            opt.load_state_dict(ck["opt"])
+            if "dec_opt" in ck:
+                dec_opt.load_state_dict(ck["dec_opt"])
         step, spent = ck["step"], ck["spent"]
-        print("resumed dit at", step)
+        print("resumed dit at", step, "" if "opt" in ck else "(weights only: fresh optimiser, re-warm-up)")
+    step0 = 0 if (not os.path.exists(path) or "opt" in ck) else step
     sf, sh = M.VAE["scaling_factor"], M.VAE["shift_factor"]
     dec_loss = float("nan")
     tr.pos_embed.pos_embed.zero_()
-    ds = PairDataset(crop=a.crop, seed=step + 7)
-    dl = iter(torch.utils.data.DataLoader(ds, batch_size=a.batch, num_workers=a.workers))
+    ds = PairDataset(crop=a.crop, seed=step + 7, p_x1=a.p_x1)
+    dl = iter(torch.utils.data.DataLoader(ds, batch_size=a.batch, num_workers=a.workers, pin_memory=dev.type == "cuda",
+                                          persistent_workers=a.workers > 0, prefetch_factor=4 if a.workers else None))
     rng = np.random.default_rng(99 + step)
     lf = open(os.path.join(DATA, "logs/dit.jsonl"), "a")
     t0 = time.time() - spent
@@ -236,18 +279,19 @@ def train_dit(a):
     ema = None
     while step < a.steps and (time.time() - t0) < a.minutes * 60:
         hq, up = next(dl)
+        hq, up = hq.to(dev, non_blocking=True), up.to(dev, non_blocking=True)
         hq_pm1, up_pm1 = to_pm1(hq), to_pm1(up)
         z0 = encode_mode(vae, hq_pm1)
         zl = encode_mode(vae, up_pm1)
         ctx, pooled = pe(up.float() / 255.0)
-        sig = draw_sigma(z0.shape[0], a.sample_steps, a.shift, rng)
+        sig = draw_sigma(z0.shape[0], a.sample_steps, a.shift, rng).to(dev)
         eps = torch.randn_like(z0)
         s4 = sig.view(-1, 1, 1, 1)
         xs = (1 - s4) * z0 + s4 * eps
         v = tr.dpir_forward(xs, zl, ctx, pooled, sig * 1000.0)
         loss = F.mse_loss(v, eps - z0)
         frac = min(1.0, (time.time() - t0) / (a.minutes * 60))
-        lr = a.lr * min(1.0, (step + 1) / 200) * (0.9 * 0.5 * (1 + math.cos(math.pi * frac)) + 0.1)
+        lr = a.lr * min(1.0, (step - step0 + 1) / 200) * (0.9 * 0.5 * (1 + math.cos(math.pi * frac)) + 0.1)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -272,7 +316,7 @@ def train_dit(a):
             dec_loss = l_dec.item()
         step += 1
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if step % 20 == 0:
+        if step % a.log_every == 0:
             with torch.no_grad():
                 x0p = xs - s4 * v
                 x0_err = F.mse_loss(x0p[sig > 0.99], z0[sig > 0.99]).item() if (sig > 0.99).any() else float("nan")
@@ -286,9 +330,81 @@ def train_dit(a):
     print("dit done", step)
 
 
+# ------------------------------------------------------------------ stage dec (decoder on the sampler's outputs)
+def _wblur(x, r):
+    k = x.new_tensor([[0.0625, 0.125, 0.0625], [0.125, 0.25, 0.125], [0.0625, 0.125, 0.0625]])[None, None].repeat(3, 1, 1, 1)
+    return F.conv2d(F.pad(x, (r, r, r, r), mode="replicate"), k, groups=3, dilation=r)
+
+
+def wavelet_color_fix(target, source, levels=5):
+    """StableSR's wavelet colour fix on [0,1] NCHW (differentiable): target's high bands + source's low band."""
+    t, s_ = target, source
+    for i in range(levels):
+        t, s_ = _wblur(t, 2 ** i), _wblur(s_, 2 ** i)
+    return target - t + s_
+
+
+def train_dec(a):
+    """Fine-tune the AE decoder on what the plugin decodes: latents sampled by the frozen DiT (a.sample_steps
+    Euler steps, shift a.shift) from z_lq of degraded crops, against the HQ crop after the shipped colour fix
+    (--color-fix wavelet|none). The DiT, its velocity training and the encoder (latent space) are untouched."""
+    path = os.path.join(DATA, "ckpt/dec.pt")
+    dev = torch.device(a.device)
+    vae = load_vae_frozen(dev)
+    ck = torch.load(os.path.join(DATA, "ckpt/dit.pt"), weights_only=False, map_location=dev)
+    tr = M.make_transformer().to(dev); tr.load_state_dict(ck["tr"]); tr.eval().requires_grad_(False)
+    pe = M.PromptEncoder().to(dev); pe.load_state_dict(ck["pe"]); pe.eval().requires_grad_(False)
+    if "dec" in ck:
+        vae.decoder.load_state_dict(ck["dec"])
+    opt = torch.optim.AdamW(vae.decoder.parameters(), lr=a.lr, weight_decay=0.0)
+    step, spent = 0, 0.0
+    if os.path.exists(path):
+        dk = torch.load(path, weights_only=False, map_location=dev)
+        vae.decoder.load_state_dict(dk["dec"]); step, spent = dk["step"], dk["spent"]
+        if "opt" in dk:
+            opt.load_state_dict(dk["opt"])
+        print("resumed dec at", step)
+    step0 = step
+    vae.decoder.train().requires_grad_(True)
+    sf, sh = M.VAE["scaling_factor"], M.VAE["shift_factor"]
+    ds = PairDataset(crop=a.crop, seed=step + 11, p_x1=a.p_x1)
+    dl = iter(torch.utils.data.DataLoader(ds, batch_size=a.batch, num_workers=a.workers))
+    lf = open(os.path.join(DATA, "logs/dec.jsonl"), "a")
+    t0 = time.time() - spent
+    while step < a.steps and (time.time() - t0) < a.minutes * 60:
+        hq, up = next(dl)
+        hq, up = hq.to(dev), up.to(dev)
+        with torch.no_grad():
+            zl = encode_mode(vae, to_pm1(up))
+            ctx, pooled = pe(up.float() / 255.0)
+            z = M.sample(tr, zl, ctx, pooled, torch.randn_like(zl), a.sample_steps, a.shift)
+        out01 = (vae.decoder(z / sf + sh) + 1) / 2
+        if a.color_fix == "wavelet":
+            out01 = wavelet_color_fix(out01, up.float() / 255.0)
+        d = out01 - hq.float() / 255.0
+        loss = d.abs().mean() + (d ** 2).mean() * 4.0
+        frac = min(1.0, (time.time() - t0) / (a.minutes * 60))
+        lr = a.lr * min(1.0, (step - step0 + 1) / 50) * (0.9 * 0.5 * (1 + math.cos(math.pi * frac)) + 0.1)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.decoder.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % a.log_every == 0:
+            mse = (d.detach().clamp(-1, 1) ** 2).mean().item()
+            log(lf, stage="dec", step=step, t=round(time.time() - t0), loss=round(loss.item(), 4),
+                psnr=round(10 * math.log10(1 / max(mse, 1e-10)), 2), lr=lr)
+        if step % a.ckpt_every == 0:
+            save_ckpt(path, dec=vae.decoder.state_dict(), opt=opt.state_dict(), step=step, spent=time.time() - t0)
+    save_ckpt(path, dec=vae.decoder.state_dict(), opt=opt.state_dict(), step=step, spent=time.time() - t0)
+    print("dec done", step)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("stage", choices=["ae", "dit"])
+    ap.add_argument("stage", choices=["ae", "dit", "dec"])
     ap.add_argument("--minutes", type=float, default=20)
     ap.add_argument("--steps", type=int, default=10 ** 9)
     ap.add_argument("--batch", type=int, default=16)
@@ -305,7 +421,19 @@ def main():
     ap.add_argument("--dec-lr", type=float, default=5e-4)
     ap.add_argument("--sample-steps", type=int, default=4)
     ap.add_argument("--shift", type=float, default=3.0)
+    ap.add_argument("--p-x1", type=float, default=0.2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--export-dir", default=None)
+    ap.add_argument("--color-fix", default="wavelet", choices=["wavelet", "none"])
     a = ap.parse_args()
+    global EXPORT_DIR
+    EXPORT_DIR = a.export_dir
+    if EXPORT_DIR:
+        os.makedirs(EXPORT_DIR, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     os.makedirs(os.path.join(DATA, "logs"), exist_ok=True)
@@ -313,9 +441,12 @@ def main():
     if a.stage == "ae":
         a.lr = a.lr or 1e-3
         train_ae(a)
-    else:
+    elif a.stage == "dit":
         a.lr = a.lr or 5e-4
         train_dit(a)
+    else:
+        a.lr = a.lr or 1e-4
+        train_dec(a)
 
 
 if __name__ == "__main__":
