@@ -327,7 +327,12 @@ impl DpirEngine {
         let max_tile = tcfg.pos_embed_max_size * tcfg.patch_size;
         let tile = (settings.tile_size as usize).min(max_tile);
         let overlap = (settings.tile_overlap as usize).min(tile / 4);
-        let tiling = LatentTiling { tile, overlap, batch: 1 };
+        // Small tiles go through the transformer together (one official 1024-px tile's worth of
+        // tokens, 4096, at most): a 64-token tile alone leaves the matrix products tiny. A tile
+        // of DPIR's own size (128 latents = 4096 tokens) still goes alone, as memory wants.
+        let tokens_per_tile = (tile / tcfg.patch_size.max(1)).pow(2).max(1);
+        let batch = (4096 / tokens_per_tile).clamp(1, 16);
+        let tiling = LatentTiling { tile, overlap, batch };
         tiling.validate().map_err(|e| EngineError::Settings(format!("tile-size/tile-overlap: {e}")))?;
         Ok(Self {
             model,

@@ -5,6 +5,7 @@
 pub mod autoencoder;
 pub mod clip;
 pub mod color_fix;
+pub mod cpu_ops;
 pub mod loader;
 pub mod pipeline;
 pub mod preprocess;

@@ -6,9 +6,12 @@
 //! attention named `to_q/to_k/to_v/to_out.0` with one head, latent shift as well as scale.
 
 use candle_core::{D, DType, IndexOp, Module, Result, Tensor};
+use std::sync::Arc;
+
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
 use super::autoencoder::{Autoencoder, LatentDraw};
+use super::cpu_ops;
 
 fn default_in_out() -> usize {
     3
@@ -97,23 +100,94 @@ impl AutoencoderKlConfig {
 
 const GN_EPS: f64 = 1e-6;
 
-fn conv(cin: usize, cout: usize, k: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv2d> {
+fn conv(cin: usize, cout: usize, k: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv> {
     let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-    candle_nn::conv2d(cin, cout, k, cfg, vb)
+    let inner = candle_nn::conv2d(cin, cout, k, cfg, vb)?;
+    let w = inner.weight();
+    let fast = if stride == 1 && w.device().is_cpu() && w.dtype() == DType::F32 {
+        let bias = inner.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
+        Some(Arc::new(FastConv { weight: w.flatten_all()?.to_vec1::<f32>()?, bias, k, padding }))
+    } else {
+        None
+    };
+    Ok(Conv { inner, fast })
+}
+
+/// A `Conv2d` with the CPU f32 fast path of [`cpu_ops::conv2d_stride1`] (stride-1 layers).
+#[derive(Debug, Clone)]
+struct Conv {
+    inner: Conv2d,
+    fast: Option<Arc<FastConv>>,
+}
+
+#[derive(Debug)]
+struct FastConv {
+    weight: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    k: usize,
+    padding: usize,
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(f) = &self.fast
+            && let Some(r) = cpu_ops::conv2d_stride1(x, &f.weight, f.bias.as_deref(), f.k, f.padding)
+        {
+            return r;
+        }
+        self.inner.forward(x)
+    }
 }
 
 /// Casts weights and inputs alike: the module runs in its weights' dtype.
-fn gn(groups: usize, ch: usize, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(groups, ch, GN_EPS, vb)
+fn gn(groups: usize, ch: usize, vb: VarBuilder) -> Result<Gn> {
+    let inner = candle_nn::group_norm(groups, ch, GN_EPS, vb.clone())?;
+    let (w, b) = (vb.get(ch, "weight")?, vb.get(ch, "bias")?);
+    let fast = if w.device().is_cpu() && w.dtype() == DType::F32 {
+        Some(Arc::new((w.to_vec1::<f32>()?, b.to_vec1::<f32>()?)))
+    } else {
+        None
+    };
+    Ok(Gn { inner, fast, groups })
+}
+
+/// A `GroupNorm` with the CPU f32 fast path of [`cpu_ops::group_norm`], SiLU fused on demand.
+#[derive(Debug, Clone)]
+struct Gn {
+    inner: GroupNorm,
+    fast: Option<Arc<(Vec<f32>, Vec<f32>)>>,
+    groups: usize,
+}
+
+impl Gn {
+    fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        if let Some(f) = &self.fast
+            && let Some(r) = cpu_ops::group_norm(x, self.groups, &f.0, &f.1, GN_EPS, silu)
+        {
+            return r;
+        }
+        let y = self.inner.forward(x)?;
+        if silu { candle_nn::ops::silu(&y) } else { Ok(y) }
+    }
+    /// `silu(group_norm(x))`, the pre-activation of every resnet conv and of `conv_out`.
+    fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, true)
+    }
+}
+
+impl Module for Gn {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, false)
+    }
 }
 
 #[derive(Debug, Clone)]
 struct ResnetBlock {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    shortcut: Option<Conv2d>,
+    norm1: Gn,
+    conv1: Conv,
+    norm2: Gn,
+    conv2: Conv,
+    shortcut: Option<Conv>,
 }
 
 impl ResnetBlock {
@@ -131,8 +205,8 @@ impl ResnetBlock {
 
 impl Module for ResnetBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = candle_nn::ops::silu(&x.apply(&self.norm1)?)?.apply(&self.conv1)?;
-        let h = candle_nn::ops::silu(&h.apply(&self.norm2)?)?.apply(&self.conv2)?;
+        let h = self.norm1.forward_silu(x)?.apply(&self.conv1)?;
+        let h = self.norm2.forward_silu(&h)?.apply(&self.conv2)?;
         let skip = match &self.shortcut {
             Some(c) => x.apply(c)?,
             None => x.clone(),
@@ -144,7 +218,7 @@ impl Module for ResnetBlock {
 /// Mid-block self-attention, one head over all channels (diffusers `Attention`, residual).
 #[derive(Debug, Clone)]
 struct AttnBlock {
-    norm: GroupNorm,
+    norm: Gn,
     to_q: Linear,
     to_k: Linear,
     to_v: Linear,
@@ -225,7 +299,7 @@ impl Module for MidBlock {
 struct DownBlock {
     resnets: Vec<ResnetBlock>,
     /// `Downsample2D(padding=0)`: pad right/bottom by one, then a stride-2 3×3 conv.
-    down: Option<Conv2d>,
+    down: Option<Conv>,
 }
 
 impl Module for DownBlock {
@@ -245,7 +319,7 @@ impl Module for DownBlock {
 struct UpBlock {
     resnets: Vec<ResnetBlock>,
     /// `Upsample2D`: nearest ×2 then 3×3 conv.
-    up: Option<Conv2d>,
+    up: Option<Conv>,
 }
 
 impl Module for UpBlock {
@@ -264,11 +338,11 @@ impl Module for UpBlock {
 
 #[derive(Debug, Clone)]
 struct Encoder {
-    conv_in: Conv2d,
+    conv_in: Conv,
     down: Vec<DownBlock>,
     mid: MidBlock,
-    norm_out: GroupNorm,
-    conv_out: Conv2d,
+    norm_out: Gn,
+    conv_out: Conv,
 }
 
 impl Encoder {
@@ -313,8 +387,7 @@ impl Encoder {
 
     /// Latent-resolution part: mid block (global attention) + output head.
     fn head(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.apply(&self.mid)?.apply(&self.norm_out)?;
-        candle_nn::ops::silu(&x)?.apply(&self.conv_out)
+        self.norm_out.forward_silu(&x.apply(&self.mid)?)?.apply(&self.conv_out)
     }
 }
 
@@ -326,11 +399,11 @@ impl Module for Encoder {
 
 #[derive(Debug, Clone)]
 struct Decoder {
-    conv_in: Conv2d,
+    conv_in: Conv,
     mid: MidBlock,
     up: Vec<UpBlock>,
-    norm_out: GroupNorm,
-    conv_out: Conv2d,
+    norm_out: Gn,
+    conv_out: Conv,
 }
 
 impl Decoder {
@@ -376,8 +449,7 @@ impl Decoder {
         for u in &self.up {
             x = x.apply(u)?;
         }
-        let x = x.apply(&self.norm_out)?;
-        candle_nn::ops::silu(&x)?.apply(&self.conv_out)
+        self.norm_out.forward_silu(&x)?.apply(&self.conv_out)
     }
 }
 
@@ -568,8 +640,8 @@ where
 pub struct AutoencoderKl {
     encoder: Encoder,
     decoder: Decoder,
-    quant_conv: Option<Conv2d>,
-    post_quant_conv: Option<Conv2d>,
+    quant_conv: Option<Conv>,
+    post_quant_conv: Option<Conv>,
     cfg: AutoencoderKlConfig,
     dtype: DType,
     tiling: Option<TileConfig>,
