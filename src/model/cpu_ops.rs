@@ -52,14 +52,20 @@ pub fn conv2d_stride1(x: &Tensor, weight: &[f32], bias: Option<&[f32]>, k: usize
         let (ho, wo) = (h + 2 * pad - k + 1, w + 2 * pad - k + 1);
         let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; b * cout * ho * wo];
-        par_chunks(&mut out, b * cout, |first, chunk| {
-            for (j, plane) in chunk.chunks_mut(ho * wo).enumerate() {
-                let (bi, co) = ((first + j) / cout, (first + j) % cout);
-                plane.fill(bias.map_or(0.0, |bv| bv[co]));
+        // Four output channels per pass where they divide: each input value loaded feeds four
+        // multiply-adds (the loop is memory-bound with one).
+        let cb = if cout.is_multiple_of(4) { 4 } else { 1 };
+        let plane = ho * wo;
+        par_chunks(&mut out, b * cout / cb, |first, chunk| {
+            for (j, block) in chunk.chunks_mut(cb * plane).enumerate() {
+                let item = first + j;
+                let (bi, co0) = (item * cb / cout, item * cb % cout);
+                for (c, p) in block.chunks_mut(plane).enumerate() {
+                    p.fill(bias.map_or(0.0, |bv| bv[co0 + c]));
+                }
                 let img = &xs[bi * cin * h * w..(bi + 1) * cin * h * w];
-                let wco = &weight[co * cin * k * k..(co + 1) * cin * k * k];
+                let wt = |c: usize, ci: usize, ky: usize, kx: usize| weight[(((co0 + c) * cin + ci) * k + ky) * k + kx];
                 for y in 0..ho {
-                    let orow = &mut plane[y * wo..(y + 1) * wo];
                     for ci in 0..cin {
                         let chan = &img[ci * h * w..(ci + 1) * h * w];
                         for ky in 0..k {
@@ -69,7 +75,6 @@ pub fn conv2d_stride1(x: &Tensor, weight: &[f32], bias: Option<&[f32]>, k: usize
                             }
                             let irow = &chan[(iy - pad) * w..(iy - pad + 1) * w];
                             for kx in 0..k {
-                                let wv = wco[(ci * k + ky) * k + kx];
                                 // output x reads input x + kx - pad, inside [0, w)
                                 let x0 = pad.saturating_sub(kx);
                                 let x1 = wo.min(w + pad - kx);
@@ -77,8 +82,25 @@ pub fn conv2d_stride1(x: &Tensor, weight: &[f32], bias: Option<&[f32]>, k: usize
                                     continue;
                                 }
                                 let src = &irow[x0 + kx - pad..x1 + kx - pad];
-                                for (o, i) in orow[x0..x1].iter_mut().zip(src) {
-                                    *o += wv * i;
+                                let row = |c: usize| (c * plane + y * wo + x0)..(c * plane + y * wo + x1);
+                                if cb == 4 {
+                                    let (w0, w1, w2, w3) = (wt(0, ci, ky, kx), wt(1, ci, ky, kx), wt(2, ci, ky, kx), wt(3, ci, ky, kx));
+                                    let (a, rest) = block.split_at_mut(plane);
+                                    let (bb, rest) = rest.split_at_mut(plane);
+                                    let (c, d) = rest.split_at_mut(plane);
+                                    let r = row(0);
+                                    let it = a[r.clone()].iter_mut().zip(&mut bb[r.clone()]).zip(&mut c[r.clone()]).zip(&mut d[r]);
+                                    for ((((o0, o1), o2), o3), &v) in it.zip(src) {
+                                        *o0 += w0 * v;
+                                        *o1 += w1 * v;
+                                        *o2 += w2 * v;
+                                        *o3 += w3 * v;
+                                    }
+                                } else {
+                                    let wv = wt(0, ci, ky, kx);
+                                    for (o, &v) in block[row(0)].iter_mut().zip(src) {
+                                        *o += wv * v;
+                                    }
                                 }
                             }
                         }
@@ -147,7 +169,7 @@ mod tests {
     #[test]
     fn direct_convolution_matches_candle() -> Result<()> {
         let dev = Device::Cpu;
-        for &(cin, cout, k, pad, h, w) in &[(5, 7, 3, 1, 13, 17), (4, 6, 1, 0, 9, 11), (3, 2, 3, 0, 8, 5)] {
+        for &(cin, cout, k, pad, h, w) in &[(5, 7, 3, 1, 13, 17), (4, 6, 1, 0, 9, 11), (3, 2, 3, 0, 8, 5), (6, 8, 3, 1, 11, 19), (8, 4, 1, 0, 5, 7)] {
             let x = Tensor::randn(0f32, 1., (2, cin, h, w), &dev)?;
             let wt = Tensor::randn(0f32, 1., (cout, cin, k, k), &dev)?;
             let bias = Tensor::randn(0f32, 1., cout, &dev)?;

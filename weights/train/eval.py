@@ -4,8 +4,11 @@ degradations: PSNR / SSIM / ST-LPIPS (shift-tolerant LPIPS, AlexNet, offline wei
 stlpips-pytorch) for
   (a) Lanczos x2 of the degraded LQ,
   (b) classic chains: ffmpeg hqdn3d + Lanczos, ffmpeg nlmeans + Lanczos (ffmpeg from PyPI imageio-ffmpeg),
-  (c) dpir-nano, PyTorch implementation of the plugin's sampler (steps/shift from model.json, seeded
-      initial noise, z_lq = (posterior mode - shift_factor) * scaling_factor), colour fix none / wavelet.
+  (c) dpir-nano through the GStreamer element (--plugin: each LQ frame through pipelines/restore-stills.sh,
+      scale=2, model=--model), and the PyTorch implementation of the plugin's sampler as a cross-check (steps /
+      shift from model.json, seeded initial noise, z_lq = (posterior mode - shift_factor) * scaling_factor, latent
+      tiles of pos_embed_max_size * patch_size as the plugin), colour fix none / wavelet,
+plus the autoencoder's own round trip of the HQ photo (its ceiling; not a method).
 Loads the EXPORTED f16 files of weights/dpir-nano (upcast to f32), i.e. what the Rust loader reads.
 Usage: eval.py [--model weights/dpir-nano] [--limit N] [--save DIR]
 """
@@ -100,6 +103,20 @@ def ae_round_trip(vae, hq_u8):
     return (((dec[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def run_plugin(plugin_dir, model_dir, lqs):
+    """(c) through the plugin: each LQ frame as a PNG through `filesrc ! pngdec ! videoconvert ! dpirrestore
+    scale=2 model=... ! videoconvert ! pngenc` (pipelines/restore-stills.sh), one gst-launch per frame."""
+    with tempfile.TemporaryDirectory() as d:
+        os.makedirs(os.path.join(d, "in")); os.makedirs(os.path.join(d, "out"))
+        for i, lq in enumerate(lqs):
+            Image.fromarray(lq).save(os.path.join(d, "in", f"{i:03d}.png"))
+        env = dict(os.environ, GST_PLUGIN_PATH=os.path.abspath(plugin_dir))
+        script = os.path.join(HERE, "..", "..", "pipelines", "restore-stills.sh")
+        subprocess.run(["bash", script, os.path.join(d, "in"), os.path.join(d, "out"), "scale=2",
+                        f"model={os.path.abspath(model_dir)}"], env=env, check=True, stdout=subprocess.DEVNULL)
+        return [np.asarray(Image.open(os.path.join(d, "out", f"{i:03d}.png")).convert("RGB")) for i in range(len(lqs))]
+
+
 def ffmpeg_chain(lq_u8, W, H, filt):
     import imageio_ffmpeg
     exe = imageio_ffmpeg.get_ffmpeg_exe()
@@ -122,6 +139,8 @@ def main():
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--save", default="")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--plugin", default="", help="folder holding libgstdpir.so: also run the LQ frames through "
+                    "the GStreamer element (pipelines/restore-stills.sh, scale=2, model=--model)")
     ap.add_argument("--tile", type=int, default=0, help="latent tile (0: pos_embed_max_size * patch_size, as the plugin)")
     ap.add_argument("--steps", type=int, default=0, help="override model.json default_steps")
     ap.add_argument("--crop", type=int, default=0, help="centre-crop each validation image to at most this side (0: full <=512 crop)")
@@ -135,20 +154,28 @@ def main():
     if a.steps:
         mj["sampler"]["default_steps"] = a.steps
     methods = ["lanczos", "hqdn3d+lanczos", "nlmeans+lanczos", "nano", "nano+wavelet", "ae round trip of HQ"]
+    if a.plugin:
+        methods.insert(5, "nano (plugin)")
     res = {m: [] for m in methods}
+    pairs = []
     for idx, f in enumerate(files):
         hq = np.asarray(Image.open(f).convert("RGB"))
         if a.crop:
             c = min(a.crop, hq.shape[0], hq.shape[1]) // 16 * 16
             t, l = (hq.shape[0] - c) // 2, (hq.shape[1] - c) // 2
             hq = np.ascontiguousarray(hq[t:t + c, l:l + c])
+        pairs.append((hq,) + degrade(hq, fixed_rng(SEED, idx), scale=2))
+    plugin_out = run_plugin(a.plugin, a.model, [p[1] for p in pairs]) if a.plugin else None
+    for idx, f in enumerate(files):
+        hq, lq, up = pairs[idx]
         H, W = hq.shape[:2]
-        lq, up = degrade(hq, fixed_rng(SEED, idx), scale=2)
         outs = {"lanczos": np.asarray(Image.fromarray(lq).resize((W, H), Image.LANCZOS)),
                 "hqdn3d+lanczos": ffmpeg_chain(lq, W, H, "hqdn3d=4:3:6:4.5"),
                 "nlmeans+lanczos": ffmpeg_chain(lq, W, H, "nlmeans=s=3:p=7:r=9")}
         outs["nano"], outs["nano+wavelet"] = nano_restore(mj, tr, vae, pe, up, tile=a.tile)
-        outs["ae round trip of HQ"] = ae_round_trip(vae, hq)  # the autoencoder's ceiling, not a method
+        outs["ae round trip of HQ"] = ae_round_trip(vae, hq)
+        if plugin_out is not None:
+            outs["nano (plugin)"] = plugin_out[idx]  # the autoencoder's ceiling, not a method
         t_hq = torch.from_numpy(hq).permute(2, 0, 1)[None].float() / 127.5 - 1
         for m in methods:
             o = outs[m]
