@@ -10,6 +10,9 @@ fn main() {
 
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/dpir-nano");
     println!("cargo:rerun-if-changed={}", dir.display());
+    // Named on its own too: a run that found no model.json must rerun once it appears (a directory
+    // alone is not watched for files changing inside it).
+    println!("cargo:rerun-if-changed={}", dir.join("model.json").display());
     let out = Path::new(&std::env::var("OUT_DIR").unwrap()).join("embedded_model.rs");
     let mut f = std::fs::File::create(&out).unwrap();
     let mut files = Vec::new();
