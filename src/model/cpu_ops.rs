@@ -32,8 +32,14 @@ where
     });
 }
 
+/// `DPIR_CPU_OPS=0` turns these paths off (candle's kernels instead), for side-by-side benchmarks.
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("DPIR_CPU_OPS").is_none_or(|v| v != "0"))
+}
+
 fn cpu_f32(x: &Tensor) -> bool {
-    matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.rank() == 4
+    enabled() && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.rank() == 4
 }
 
 /// A stride-1 `k × k` convolution with `pad` zero padding, groups 1, dilation 1, on NCHW f32.
