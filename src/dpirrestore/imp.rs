@@ -1042,8 +1042,8 @@ impl ObjectImpl for DpirRestore {
                     .blurb(
                         "0: off. Else a strength in (0,1]: within a clip, start each frame's sampling from the previous \
                          output re-noised, running about strength x steps (faster, steadier on static shots; can \
-                         ghost on motion). A clip's first frame always starts from noise. Needs 2 or more steps (dpir-nano's \
-                         default is 1: set steps too)",
+                         ghost on motion). A clip's first frame always starts from noise. Needs 2 or more steps \
+                         (dpir-nano's default is 1: set steps too)",
                     )
                     .minimum(0.0)
                     .maximum(1.0)

@@ -45,7 +45,13 @@ fn cpu_f32(x: &Tensor) -> bool {
 /// A stride-1 `k × k` convolution with `pad` zero padding, groups 1, dilation 1, on NCHW f32.
 /// `weight` is `[cout, cin, k, k]` row-major, `bias` `[cout]`. Returns `None` where the fast
 /// path does not apply (not CPU f32 NCHW).
-pub fn conv2d_stride1(x: &Tensor, weight: &[f32], bias: Option<&[f32]>, k: usize, pad: usize) -> Option<Result<Tensor>> {
+pub fn conv2d_stride1(
+    x: &Tensor,
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    k: usize,
+    pad: usize,
+) -> Option<Result<Tensor>> {
     if !cpu_f32(x) {
         return None;
     }
@@ -90,12 +96,17 @@ pub fn conv2d_stride1(x: &Tensor, weight: &[f32], bias: Option<&[f32]>, k: usize
                                 let src = &irow[x0 + kx - pad..x1 + kx - pad];
                                 let row = |c: usize| (c * plane + y * wo + x0)..(c * plane + y * wo + x1);
                                 if cb == 4 {
-                                    let (w0, w1, w2, w3) = (wt(0, ci, ky, kx), wt(1, ci, ky, kx), wt(2, ci, ky, kx), wt(3, ci, ky, kx));
+                                    let (w0, w1, w2, w3) =
+                                        (wt(0, ci, ky, kx), wt(1, ci, ky, kx), wt(2, ci, ky, kx), wt(3, ci, ky, kx));
                                     let (a, rest) = block.split_at_mut(plane);
                                     let (bb, rest) = rest.split_at_mut(plane);
                                     let (c, d) = rest.split_at_mut(plane);
                                     let r = row(0);
-                                    let it = a[r.clone()].iter_mut().zip(&mut bb[r.clone()]).zip(&mut c[r.clone()]).zip(&mut d[r]);
+                                    let it = a[r.clone()]
+                                        .iter_mut()
+                                        .zip(&mut bb[r.clone()])
+                                        .zip(&mut c[r.clone()])
+                                        .zip(&mut d[r]);
                                     for ((((o0, o1), o2), o3), &v) in it.zip(src) {
                                         *o0 += w0 * v;
                                         *o1 += w1 * v;
@@ -120,7 +131,14 @@ pub fn conv2d_stride1(x: &Tensor, weight: &[f32], bias: Option<&[f32]>, k: usize
 
 /// Group norm (per sample, `groups` groups, affine `gamma`/`beta`), optionally followed by SiLU,
 /// on NCHW f32. Statistics in f64 (biased variance, as torch). `None` where it does not apply.
-pub fn group_norm(x: &Tensor, groups: usize, gamma: &[f32], beta: &[f32], eps: f64, silu: bool) -> Option<Result<Tensor>> {
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    silu: bool,
+) -> Option<Result<Tensor>> {
     if !cpu_f32(x) {
         return None;
     }
@@ -175,7 +193,9 @@ mod tests {
     #[test]
     fn direct_convolution_matches_candle() -> Result<()> {
         let dev = Device::Cpu;
-        for &(cin, cout, k, pad, h, w) in &[(5, 7, 3, 1, 13, 17), (4, 6, 1, 0, 9, 11), (3, 2, 3, 0, 8, 5), (6, 8, 3, 1, 11, 19), (8, 4, 1, 0, 5, 7)] {
+        for &(cin, cout, k, pad, h, w) in
+            &[(5, 7, 3, 1, 13, 17), (4, 6, 1, 0, 9, 11), (3, 2, 3, 0, 8, 5), (6, 8, 3, 1, 11, 19), (8, 4, 1, 0, 5, 7)]
+        {
             let x = Tensor::randn(0f32, 1., (2, cin, h, w), &dev)?;
             let wt = Tensor::randn(0f32, 1., (cout, cin, k, k), &dev)?;
             let bias = Tensor::randn(0f32, 1., cout, &dev)?;
