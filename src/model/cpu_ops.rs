@@ -2,8 +2,8 @@
 //! dtype goes through candle). On 2 cores candle's im2col convolution runs a 16→16 3×3 layer
 //! on a 432×320 frame at ~2 GFLOP/s and its group norm makes ~10 passes over memory: for the
 //! few-channel, large-image layers of a small autoencoder (dpir-nano's) these two dominated the
-//! frame time. Here a convolution is row-blocked multiply-adds that stay in cache, and group
-//! norm + SiLU is two passes, both split over the available cores.
+//! frame time. Here a convolution (stride 1 or 2) is row-blocked multiply-adds that stay in
+//! cache, and group norm + SiLU is two passes, both split over the available cores.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -42,33 +42,61 @@ fn cpu_f32(x: &Tensor) -> bool {
     enabled() && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.rank() == 4
 }
 
-/// A stride-1 `k × k` convolution with `pad` zero padding, groups 1, dilation 1, on NCHW f32.
-/// `weight` is `[cout, cin, k, k]` row-major, `bias` `[cout]`. Returns `None` where the fast
-/// path does not apply (not CPU f32 NCHW).
-pub fn conv2d_stride1(
+/// `out[c][i] += w[c] · src[i]` for `cb` (1 or 4) output planes of `block`, rows from `start`.
+#[inline]
+fn axpy(block: &mut [f32], plane: usize, cb: usize, start: usize, src: &[f32], w: [f32; 4]) {
+    let r = start..start + src.len();
+    if cb == 4 {
+        let (a, rest) = block.split_at_mut(plane);
+        let (b, rest) = rest.split_at_mut(plane);
+        let (c, d) = rest.split_at_mut(plane);
+        let it = a[r.clone()].iter_mut().zip(&mut b[r.clone()]).zip(&mut c[r.clone()]).zip(&mut d[r]);
+        for ((((o0, o1), o2), o3), &v) in it.zip(src) {
+            *o0 += w[0] * v;
+            *o1 += w[1] * v;
+            *o2 += w[2] * v;
+            *o3 += w[3] * v;
+        }
+    } else {
+        for (o, &v) in block[r].iter_mut().zip(src) {
+            *o += w[0] * v;
+        }
+    }
+}
+
+/// A `k × k` convolution with `pad` zero padding and stride 1 or 2, groups 1, dilation 1, on
+/// NCHW f32. `weight` is `[cout, cin, k, k]` row-major, `bias` `[cout]`. Returns `None` where the
+/// fast path does not apply (not CPU f32 NCHW, or another stride).
+pub fn conv2d(
     x: &Tensor,
     weight: &[f32],
     bias: Option<&[f32]>,
     k: usize,
     pad: usize,
+    stride: usize,
 ) -> Option<Result<Tensor>> {
-    if !cpu_f32(x) {
+    if !cpu_f32(x) || !(stride == 1 || stride == 2) {
         return None;
     }
     Some((|| {
         let (b, cin, h, w) = x.dims4()?;
         let cout = weight.len() / (cin * k * k);
         if cout * cin * k * k != weight.len() || h + 2 * pad < k || w + 2 * pad < k {
-            candle_core::bail!("conv2d_stride1: weight of {} values for {cin} input channels, k {k}", weight.len());
+            candle_core::bail!("conv2d: weight of {} values for {cin} input channels, k {k}", weight.len());
         }
-        let (ho, wo) = (h + 2 * pad - k + 1, w + 2 * pad - k + 1);
+        let s = stride;
+        let (ho, wo) = ((h + 2 * pad - k) / s + 1, (w + 2 * pad - k) / s + 1);
         let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; b * cout * ho * wo];
         // Four output channels per pass where they divide: each input value loaded feeds four
         // multiply-adds (the loop is memory-bound with one).
         let cb = if cout.is_multiple_of(4) { 4 } else { 1 };
         let plane = ho * wo;
+        // Stride 2: each zero-padded input row is split by phase (even / odd columns), so every
+        // tap reads a contiguous run: tap kx is phase kx % 2 from kx / 2 on.
+        let plen = (w + 2 * pad).div_ceil(s);
         par_chunks(&mut out, b * cout / cb, |first, chunk| {
+            let mut phases = vec![0f32; if s == 1 { 0 } else { s * plen }];
             for (j, block) in chunk.chunks_mut(cb * plane).enumerate() {
                 let item = first + j;
                 let (bi, co0) = (item * cb / cout, item * cb % cout);
@@ -76,48 +104,38 @@ pub fn conv2d_stride1(
                     p.fill(bias.map_or(0.0, |bv| bv[co0 + c]));
                 }
                 let img = &xs[bi * cin * h * w..(bi + 1) * cin * h * w];
-                let wt = |c: usize, ci: usize, ky: usize, kx: usize| weight[(((co0 + c) * cin + ci) * k + ky) * k + kx];
+                let wt = |ci: usize, ky: usize, kx: usize| {
+                    let at = |c: usize| weight[(((co0 + c) * cin + ci) * k + ky) * k + kx];
+                    if cb == 4 { [at(0), at(1), at(2), at(3)] } else { [at(0), 0.0, 0.0, 0.0] }
+                };
                 for y in 0..ho {
                     for ci in 0..cin {
                         let chan = &img[ci * h * w..(ci + 1) * h * w];
                         for ky in 0..k {
-                            let iy = y + ky;
+                            let iy = y * s + ky;
                             if iy < pad || iy - pad >= h {
                                 continue;
                             }
                             let irow = &chan[(iy - pad) * w..(iy - pad + 1) * w];
-                            for kx in 0..k {
-                                // output x reads input x + kx - pad, inside [0, w)
-                                let x0 = pad.saturating_sub(kx);
-                                let x1 = wo.min(w + pad - kx);
-                                if x0 >= x1 {
-                                    continue;
+                            if s == 1 {
+                                for kx in 0..k {
+                                    // output x reads input x + kx - pad, inside [0, w)
+                                    let x0 = pad.saturating_sub(kx);
+                                    let x1 = wo.min(w + pad - kx);
+                                    if x0 < x1 {
+                                        let src = &irow[x0 + kx - pad..x1 + kx - pad];
+                                        axpy(block, plane, cb, y * wo + x0, src, wt(ci, ky, kx));
+                                    }
                                 }
-                                let src = &irow[x0 + kx - pad..x1 + kx - pad];
-                                let row = |c: usize| (c * plane + y * wo + x0)..(c * plane + y * wo + x1);
-                                if cb == 4 {
-                                    let (w0, w1, w2, w3) =
-                                        (wt(0, ci, ky, kx), wt(1, ci, ky, kx), wt(2, ci, ky, kx), wt(3, ci, ky, kx));
-                                    let (a, rest) = block.split_at_mut(plane);
-                                    let (bb, rest) = rest.split_at_mut(plane);
-                                    let (c, d) = rest.split_at_mut(plane);
-                                    let r = row(0);
-                                    let it = a[r.clone()]
-                                        .iter_mut()
-                                        .zip(&mut bb[r.clone()])
-                                        .zip(&mut c[r.clone()])
-                                        .zip(&mut d[r]);
-                                    for ((((o0, o1), o2), o3), &v) in it.zip(src) {
-                                        *o0 += w0 * v;
-                                        *o1 += w1 * v;
-                                        *o2 += w2 * v;
-                                        *o3 += w3 * v;
-                                    }
-                                } else {
-                                    let wv = wt(0, ci, ky, kx);
-                                    for (o, &v) in block[row(0)].iter_mut().zip(src) {
-                                        *o += wv * v;
-                                    }
+                            } else {
+                                phases.fill(0.0);
+                                for (i, &v) in irow.iter().enumerate() {
+                                    let pi = i + pad;
+                                    phases[(pi % s) * plen + pi / s] = v;
+                                }
+                                for kx in 0..k {
+                                    let off = (kx % s) * plen + kx / s;
+                                    axpy(block, plane, cb, y * wo, &phases[off..off + wo], wt(ci, ky, kx));
                                 }
                             }
                         }
@@ -193,20 +211,28 @@ mod tests {
     #[test]
     fn direct_convolution_matches_candle() -> Result<()> {
         let dev = Device::Cpu;
-        for &(cin, cout, k, pad, h, w) in
-            &[(5, 7, 3, 1, 13, 17), (4, 6, 1, 0, 9, 11), (3, 2, 3, 0, 8, 5), (6, 8, 3, 1, 11, 19), (8, 4, 1, 0, 5, 7)]
-        {
+        let cases = [
+            (5, 7, 3, 1, 1, 13, 17),
+            (4, 6, 1, 0, 1, 9, 11),
+            (3, 2, 3, 0, 1, 8, 5),
+            (6, 8, 3, 1, 1, 11, 19),
+            (8, 4, 1, 0, 1, 5, 7),
+            // stride 2, as Downsample2D (input padded right/bottom beforehand, conv padding 0)
+            (8, 8, 3, 0, 2, 13, 18),
+            (3, 5, 3, 1, 2, 12, 9),
+        ];
+        for &(cin, cout, k, pad, stride, h, w) in &cases {
             let x = Tensor::randn(0f32, 1., (2, cin, h, w), &dev)?;
             let wt = Tensor::randn(0f32, 1., (cout, cin, k, k), &dev)?;
             let bias = Tensor::randn(0f32, 1., cout, &dev)?;
-            let cfg = candle_nn::Conv2dConfig { padding: pad, ..Default::default() };
+            let cfg = candle_nn::Conv2dConfig { padding: pad, stride, ..Default::default() };
             let reference = candle_nn::Conv2d::new(wt.clone(), Some(bias.clone()), cfg).forward(&x)?;
             let ws = wt.flatten_all()?.to_vec1::<f32>()?;
             let bs = bias.to_vec1::<f32>()?;
-            let fast = conv2d_stride1(&x, &ws, Some(&bs), k, pad).unwrap()?;
-            assert_eq!(fast.dims(), reference.dims());
+            let fast = conv2d(&x, &ws, Some(&bs), k, pad, stride).unwrap()?;
+            assert_eq!(fast.dims(), reference.dims(), "cin {cin} cout {cout} k {k} stride {stride}");
             let err = (fast - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(err < 1e-4, "cin {cin} cout {cout} k {k}: max |diff| {err}");
+            assert!(err < 1e-4, "cin {cin} cout {cout} k {k} stride {stride}: max |diff| {err}");
         }
         Ok(())
     }

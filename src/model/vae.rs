@@ -104,16 +104,16 @@ fn conv(cin: usize, cout: usize, k: usize, stride: usize, padding: usize, vb: Va
     let cfg = Conv2dConfig { padding, stride, ..Default::default() };
     let inner = candle_nn::conv2d(cin, cout, k, cfg, vb)?;
     let w = inner.weight();
-    let fast = if stride == 1 && w.device().is_cpu() && w.dtype() == DType::F32 {
+    let fast = if (stride == 1 || stride == 2) && w.device().is_cpu() && w.dtype() == DType::F32 {
         let bias = inner.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
-        Some(Arc::new(FastConv { weight: w.flatten_all()?.to_vec1::<f32>()?, bias, k, padding }))
+        Some(Arc::new(FastConv { weight: w.flatten_all()?.to_vec1::<f32>()?, bias, k, padding, stride }))
     } else {
         None
     };
     Ok(Conv { inner, fast })
 }
 
-/// A `Conv2d` with the CPU f32 fast path of [`cpu_ops::conv2d_stride1`] (stride-1 layers).
+/// A `Conv2d` with the CPU f32 fast path of [`cpu_ops::conv2d`] (stride 1 and 2).
 #[derive(Debug, Clone)]
 struct Conv {
     inner: Conv2d,
@@ -126,12 +126,13 @@ struct FastConv {
     bias: Option<Vec<f32>>,
     k: usize,
     padding: usize,
+    stride: usize,
 }
 
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(f) = &self.fast
-            && let Some(r) = cpu_ops::conv2d_stride1(x, &f.weight, f.bias.as_deref(), f.k, f.padding)
+            && let Some(r) = cpu_ops::conv2d(x, &f.weight, f.bias.as_deref(), f.k, f.padding, f.stride)
         {
             return r;
         }
