@@ -142,8 +142,8 @@ impl Module for Conv {
 
 /// Casts weights and inputs alike: the module runs in its weights' dtype.
 fn gn(groups: usize, ch: usize, vb: VarBuilder) -> Result<Gn> {
-    let inner = candle_nn::group_norm(groups, ch, GN_EPS, vb.clone())?;
     let (w, b) = (vb.get(ch, "weight")?, vb.get(ch, "bias")?);
+    let inner = GroupNorm::new(w.clone(), b.clone(), ch, groups, GN_EPS)?;
     let fast = if w.device().is_cpu() && w.dtype() == DType::F32 {
         Some(Arc::new((w.to_vec1::<f32>()?, b.to_vec1::<f32>()?)))
     } else {

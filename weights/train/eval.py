@@ -59,21 +59,6 @@ def load_model(d):
     return mj, tr.eval(), vae.eval(), pe.eval()
 
 
-# StableSR wavelet_color_fix (target = output, source = LQ), on [0,1] NCHW
-def _wblur(x, r):
-    k = torch.tensor([[0.0625, 0.125, 0.0625], [0.125, 0.25, 0.125], [0.0625, 0.125, 0.0625]])[None, None].repeat(3, 1, 1, 1)
-    return F.conv2d(F.pad(x, (r, r, r, r), mode="replicate"), k, groups=3, dilation=r)
-
-def _wdec(x, levels=5):
-    high = torch.zeros_like(x)
-    for i in range(levels):
-        low = _wblur(x, 2 ** i); high = high + (x - low); x = low
-    return high, low
-
-def wavelet_color_fix(target, source):
-    return _wdec(target)[0] + _wdec(source)[1]
-
-
 @torch.no_grad()
 def nano_restore(mj, tr, vae, pe, up_u8, seed=SEED, tile=0):
     H, W = up_u8.shape[:2]
@@ -89,7 +74,7 @@ def nano_restore(mj, tr, vae, pe, up_u8, seed=SEED, tile=0):
     z = M.sample(tr, z_lq, ctx, pooled, noise, s["default_steps"], s["shift"], tile=tile, overlap=min(8, tile // 4))
     dec = vae.decoder(z / sf + sh)
     out01 = ((dec + 1) / 2).clamp(0, 1)
-    wav = wavelet_color_fix(out01, up).clamp(0, 1)
+    wav = M.wavelet_color_fix(out01, up).clamp(0, 1)
     to8 = lambda t: (t[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     return to8(out01), to8(wav)
 

@@ -191,5 +191,32 @@ def sample(tr, z_lq, ctx, pooled, noise, steps, shift, tile=None, overlap=8):
     return x
 
 
+# ---------------------------------------------------------------- shared by train.py / eval.py
+def _wblur(x, r):
+    k = x.new_tensor([[0.0625, 0.125, 0.0625], [0.125, 0.25, 0.125], [0.0625, 0.125, 0.0625]])[None, None]
+    return F.conv2d(F.pad(x, (r, r, r, r), mode="replicate"), k.repeat(x.shape[1], 1, 1, 1), groups=x.shape[1], dilation=r)
+
+
+def wavelet_color_fix(target, source, levels=5):
+    """StableSR's wavelet colour fix on [0,1] NCHW (target = output, source = LQ): target's high bands + source's
+    low band. Every blur is linear (replicate padding too), so that is target - low(target - source): one
+    decomposition, as src/model/color_fix.rs. Differentiable (train.py's decoder stage backpropagates through it)."""
+    d = target - source
+    for i in range(levels):
+        d = _wblur(d, 2 ** i)
+    return target - d
+
+
+def cosine_lr(base, frac, warm=1.0):
+    """Learning rate at fraction `frac` of the wall-clock budget: cosine from base to base/10, times a warm-up factor."""
+    import math
+    return base * min(1.0, warm) * (0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))) + 0.1)
+
+
+def set_lr(opt, lr):
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
 def count(m):
     return sum(p.numel() for p in m.parameters())

@@ -149,10 +149,9 @@ def train_ae(a):
                 b.append(augment(np.asarray(pool[i][y:y + S, x:x + S]), rng))
             u8 = torch.from_numpy(np.stack(b)).permute(0, 3, 1, 2)
         x01 = u8.float() / 255.0
-        frac = min(1.0, (time.time() - t0) / (a.minutes * 60))
-        lr = a.lr * min(1.0, (step + 1) / 50) * (0.9 * 0.5 * (1 + math.cos(math.pi * frac)) + 0.1)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        frac = (time.time() - t0) / (a.minutes * 60)
+        lr = M.cosine_lr(a.lr, frac, (step + 1) / 50)
+        M.set_lr(opt, lr)
         mom = vae.encoder(x01 * 2 - 1)
         mean, logvar = mom.chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
@@ -290,10 +289,9 @@ def train_dit(a):
         xs = (1 - s4) * z0 + s4 * eps
         v = tr.dpir_forward(xs, zl, ctx, pooled, sig * 1000.0)
         loss = F.mse_loss(v, eps - z0)
-        frac = min(1.0, (time.time() - t0) / (a.minutes * 60))
-        lr = a.lr * min(1.0, (step - step0 + 1) / 200) * (0.9 * 0.5 * (1 + math.cos(math.pi * frac)) + 0.1)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        frac = (time.time() - t0) / (a.minutes * 60)
+        lr = M.cosine_lr(a.lr, frac, (step - step0 + 1) / 200)
+        M.set_lr(opt, lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -306,8 +304,7 @@ def train_dit(a):
             zin = zin + 0.05 * zin.std() * torch.randn_like(zin)
             d = vae.decoder(zin) - hq_pm1
             l_dec = d.abs().mean() + (d - d.mean(dim=1, keepdim=True)).abs().mean() + F.avg_pool2d(d, 4).abs().mean()
-            for g in dec_opt.param_groups:
-                g["lr"] = a.dec_lr * (0.9 * 0.5 * (1 + math.cos(math.pi * frac)) + 0.1)
+            M.set_lr(dec_opt, M.cosine_lr(a.dec_lr, frac))
             dec_opt.zero_grad(set_to_none=True)
             l_dec.backward()
             torch.nn.utils.clip_grad_norm_(dec_params, 1.0)
@@ -331,19 +328,6 @@ def train_dit(a):
 
 
 # ------------------------------------------------------------------ stage dec (decoder on the sampler's outputs)
-def _wblur(x, r):
-    k = x.new_tensor([[0.0625, 0.125, 0.0625], [0.125, 0.25, 0.125], [0.0625, 0.125, 0.0625]])[None, None].repeat(3, 1, 1, 1)
-    return F.conv2d(F.pad(x, (r, r, r, r), mode="replicate"), k, groups=3, dilation=r)
-
-
-def wavelet_color_fix(target, source, levels=5):
-    """StableSR's wavelet colour fix on [0,1] NCHW (differentiable): target's high bands + source's low band."""
-    t, s_ = target, source
-    for i in range(levels):
-        t, s_ = _wblur(t, 2 ** i), _wblur(s_, 2 ** i)
-    return target - t + s_
-
-
 def train_dec(a):
     """Fine-tune the AE decoder on what the plugin decodes: latents sampled by the frozen DiT (a.sample_steps
     Euler steps, shift a.shift) from z_lq of degraded crops, against the HQ crop after the shipped colour fix
@@ -380,13 +364,12 @@ def train_dec(a):
             z = M.sample(tr, zl, ctx, pooled, torch.randn_like(zl), a.sample_steps, a.shift)
         out01 = (vae.decoder(z / sf + sh) + 1) / 2
         if a.color_fix == "wavelet":
-            out01 = wavelet_color_fix(out01, up.float() / 255.0)
+            out01 = M.wavelet_color_fix(out01, up.float() / 255.0)
         d = out01 - hq.float() / 255.0
         loss = d.abs().mean() + (d ** 2).mean() * 4.0
-        frac = min(1.0, (time.time() - t0) / (a.minutes * 60))
-        lr = a.lr * min(1.0, (step - step0 + 1) / 50) * (0.9 * 0.5 * (1 + math.cos(math.pi * frac)) + 0.1)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        frac = (time.time() - t0) / (a.minutes * 60)
+        lr = M.cosine_lr(a.lr, frac, (step - step0 + 1) / 50)
+        M.set_lr(opt, lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.decoder.parameters(), 1.0)
