@@ -16,9 +16,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use gstdpir::cache::{CacheStats, ClipTracker, ClipTrackerSettings};
-use gstdpir::engine::{EngineSettings, FrameContext, Image, RestoreEngine, StreamInfo};
+use gstdpir::cache::CacheStats;
+use gstdpir::engine::{DeviceSpec, EngineSettings, FrameContext, Image, LqLatent, RestoreEngine, StreamInfo};
 use gstdpir::restorer::DpirEngine;
+use gstdpir::scene::{ClipTracker, ClipTrackerSettings};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -57,7 +58,7 @@ fn main() {
     let n: u64 = env_or("DPIR_BENCH_FRAMES", 12);
     let steps: u32 = env_or("DPIR_BENCH_STEPS", 2);
     let scale: usize = env_or("DPIR_BENCH_SCALE", 1);
-    let device: String = env_or("DPIR_BENCH_DEVICE", "cpu".to_string());
+    let device: DeviceSpec = env_or("DPIR_BENCH_DEVICE", DeviceSpec::Cpu);
     let size: String = env_or("DPIR_BENCH_SIZE", "214x160".to_string());
     let (w, h) = size.split_once('x').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))).expect("WxH");
     let (model, temp) = match std::env::var_os("DPIR_BENCH_MODEL") {
@@ -79,13 +80,13 @@ fn main() {
         .collect();
     let clips = ctxs.iter().filter(|c| c.new_clip.is_some()).count();
 
-    let info = StreamInfo { in_width: w, in_height: h, scale, fps: None };
+    let info = StreamInfo { in_width: w, in_height: h, scale, fps: None, depth: 8 };
     let settings = |reuse| EngineSettings {
         model: Some(model.clone()),
-        device: device.clone(),
+        device,
         steps,
         seed: 3,
-        lq_latent: "mode".into(),
+        lq_latent: LqLatent::Mode,
         reuse_prompts: reuse,
         ..Default::default()
     };

@@ -16,9 +16,9 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use gstdpir::cache::{ClipTracker, ClipTrackerSettings};
 use gstdpir::engine::{EngineSettings, FrameContext, Image, RestoreEngine, StreamInfo};
 use gstdpir::restorer::DpirEngine;
+use gstdpir::scene::{ClipTracker, ClipTrackerSettings};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -48,13 +48,13 @@ fn main() -> Result<()> {
     let defaults = EngineSettings::default();
     let settings = EngineSettings {
         model: std::env::var_os("DPIR_BENCH_MODEL").map(Into::into),
-        device: env_or("DPIR_BENCH_DEVICE", "auto".to_string()),
-        precision: env_or("DPIR_BENCH_PRECISION", "f32".to_string()),
+        device: env_or("DPIR_BENCH_DEVICE", defaults.device),
+        precision: env_or("DPIR_BENCH_PRECISION", defaults.precision),
         steps: env_or("DPIR_BENCH_STEPS", defaults.steps),
         ..defaults
     };
     let scale: usize = env_or("DPIR_BENCH_SCALE", 2);
-    let info = StreamInfo { in_width: w, in_height: h, scale, fps: None };
+    let info = StreamInfo { in_width: w, in_height: h, scale, fps: None, depth: 8 };
     let t_load = Instant::now();
     let mut engine = DpirEngine::load(&settings).map_err(|e| anyhow::anyhow!("{e}"))?;
     engine.configure(&info).map_err(|e| anyhow::anyhow!("{e}"))?;

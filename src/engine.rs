@@ -3,17 +3,25 @@
 //! The element (GStreamer glue) converts every video frame to an [`Image`], asks a
 //! [`RestoreEngine`] for the restored image, and converts back. The engine owns everything
 //! model-related: padding to the sizes the model needs, clip-level caches, devices. Keeping the
-//! trait here, on the model side, lets the model work evolve without touching the element, and
-//! lets tests (and applications embedding the plugin from Rust) plug in engines of their own.
+//! trait here, apart from its implementation ([`crate::restorer`]), lets the model work evolve
+//! without touching the element, and lets tests (and applications embedding the plugin from
+//! Rust) plug in engines of their own. This module imports nothing of the crate but the model's
+//! setting enums (plain values of a leaf module).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+pub use crate::model::autoencoder::LqLatent;
+pub use crate::model::color_fix::ColorFix;
+pub use crate::model::dpir::{DeviceSpec, Precision};
+pub use crate::model::prompt::TilingMode;
+
 /// A frame as the engine sees it: packed RGB, row-major, values in [0, 1].
 ///
-/// f32 keeps 16-bit input (`RGBA64_LE`) lossless; 8-bit input maps `v / 255`.
+/// f32 carries 16-bit input (`RGBA64_LE`) and 10-bit input without rounding; 8-bit input maps
+/// `v / 255` (exactly torchvision's `ToTensor`). [`StreamInfo::depth`] says which it was.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Image {
     pub width: usize,
@@ -42,6 +50,9 @@ pub struct StreamInfo {
     pub scale: usize,
     /// Frames per second as a fraction; `None` for variable rate or stills.
     pub fps: Option<(i32, i32)>,
+    /// Bits per colour component of the input (8, 10 or 16). 8-bit input is upsampled exactly as
+    /// Pillow does (the official code's behaviour); deeper input keeps its precision throughout.
+    pub depth: u32,
 }
 
 impl StreamInfo {
@@ -129,30 +140,39 @@ pub enum EngineError {
     Cancelled,
 }
 
-/// How the engine should run, mirrored from the element's properties.
+/// Initial noise of the sampler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NoiseMode {
+    /// One noise field per clip (less flicker).
+    #[default]
+    PerClip,
+    /// New noise every frame.
+    PerFrame,
+}
+
+/// How the engine should run: the element's model-side properties, typed. Its `Default` is the
+/// single source of the element's defaults (every ParamSpec default comes from it).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineSettings {
     /// Model directory; `None`: the embedded default model.
     pub model: Option<PathBuf>,
-    /// `cpu`, `cuda:N` or `auto`.
-    pub device: String,
-    /// `f32`, `f16` or `bf16`.
-    pub precision: String,
+    pub device: DeviceSpec,
+    pub precision: Precision,
     /// Sampling steps; 0: the model's `sampler.default_steps` (28 if it gives none).
     pub steps: u32,
     pub seed: u64,
     pub prompt: String,
-    /// `wavelet`, `adain` or `none`.
-    pub color_fix: String,
-    /// `sample` (official script) or `mode` (deterministic).
-    pub lq_latent: String,
-    /// `reference` (official tiling quirk) or `corrected`.
-    pub tiling: String,
-    /// Latent tile size and overlap for large frames (official: 128 and 8).
+    pub color_fix: ColorFix,
+    pub lq_latent: LqLatent,
+    /// Global-prompt tiling.
+    pub tiling: TilingMode,
+    /// Latent tile size for large frames; 0: the model's own (`sampler.tile_size` in model.json,
+    /// else DPIR's 128 = 1024 px, at most what the model's position table takes).
     pub tile_size: u32,
-    pub tile_overlap: u32,
-    /// `per-clip` or `per-frame` initial noise.
-    pub noise: String,
+    /// Overlap of latent tiles; negative: the model's own (`sampler.tile_overlap`, else DPIR's 8
+    /// = 64 px, at most a quarter of the tile).
+    pub tile_overlap: i32,
+    pub noise: NoiseMode,
     /// Free the prompt encoders between clips.
     pub low_memory: bool,
     /// Compute the text embedding and the global visual prompt once per clip (true, the
@@ -170,17 +190,17 @@ impl Default for EngineSettings {
     fn default() -> Self {
         Self {
             model: None,
-            device: "auto".into(),
-            precision: "f32".into(),
+            device: DeviceSpec::Auto,
+            precision: Precision::F32,
             steps: 0,
             seed: 0,
             prompt: String::new(),
-            color_fix: "wavelet".into(),
-            lq_latent: "sample".into(),
-            tiling: "corrected".into(),
-            tile_size: 128,
-            tile_overlap: 8,
-            noise: "per-clip".into(),
+            color_fix: ColorFix::Wavelet,
+            lq_latent: LqLatent::Sample,
+            tiling: TilingMode::Reference,
+            tile_size: 0,
+            tile_overlap: -1,
+            noise: NoiseMode::PerClip,
             low_memory: false,
             reuse_prompts: true,
             warm_start: 0.0,
@@ -211,17 +231,16 @@ pub trait RestoreEngine: Send {
     fn describe(&self) -> String {
         String::from("engine")
     }
+
+    /// Warnings raised since the last call (e.g. a precision fallback): the element posts each
+    /// as a GStreamer warning message, so applications see them.
+    fn take_warnings(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Builds an engine from settings; called when the element goes READY→PAUSED.
 pub type EngineFactory = Arc<dyn Fn(&EngineSettings) -> Result<Box<dyn RestoreEngine>, EngineError> + Send + Sync>;
-
-/// The engine the element builds unless told otherwise: DPIR from the `model` directory.
-pub fn default_factory() -> EngineFactory {
-    Arc::new(|settings: &EngineSettings| {
-        crate::restorer::DpirEngine::load(settings).map(|e| Box::new(e) as Box<dyn RestoreEngine>)
-    })
-}
 
 /// Nearest-neighbour upscaling: the cheapest restoration, used for frames skipped under QoS
 /// and by tests.

@@ -1,14 +1,16 @@
 //! gst-dpir: a GStreamer plugin restoring video and stills with DPIR (dual prompting, DiT),
 //! Kong et al., CVPR 2025, running on candle.
 //!
-//! Layout: [`model`] is pure candle (no GStreamer types), [`engine`] is the small interface the
-//! element drives, [`cache`] holds the per-clip state between them, and the `dpirrestore`
-//! element (feature `gst`) is GStreamer glue only.
+//! Layout: [`model`] is pure candle (no GStreamer types); [`engine`] is the small interface the
+//! element drives, implemented by [`restorer`] (the per-frame policy) with [`cache`] (the
+//! per-clip tensors) beside it; [`scene`] finds the clips on the element side; the
+//! `dpirrestore` element (feature `gst`) is GStreamer glue only.
 
 pub mod cache;
 pub mod engine;
 pub mod model;
 pub mod restorer;
+pub mod scene;
 
 #[cfg(feature = "gst")]
 pub mod dpirrestore;

@@ -195,7 +195,7 @@ fn hard_cuts_in_two_real_videos_concatenated_are_found_exactly() {
 fn scene_cut_statistic_separates_cuts_from_flicker_and_motion_with_a_margin() {
     // The statistic itself, frame by frame (no element): every hand-checked cut scores well above
     // the default threshold, every other frame well below, in both videos and across the join.
-    use gstdpir::cache::{ClipTracker, ClipTrackerSettings, DEFAULT_SCENE_THRESHOLD};
+    use gstdpir::scene::{ClipTracker, ClipTrackerSettings, DEFAULT_SCENE_THRESHOLD};
     let (w, h) = (214usize, 160usize);
     let stride = (w * 3).next_multiple_of(4);
     let mut tracker = ClipTracker::new(ClipTrackerSettings { scene_threshold: 1.0, ..Default::default() });

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
+use gst::glib;
 use gst::prelude::*;
 use gst_check::Harness;
 use gstdpir::dpirrestore::DpirRestore;
@@ -410,39 +411,99 @@ fn test_engine_clip_event_from_an_application_starts_a_clip_with_its_prompt() {
     assert_eq!(ctxs[2].prompt, "a 1906 racing car");
 }
 
-#[test]
-fn every_property_has_a_blurb_for_gst_inspect() {
-    init();
-    let element = gst::ElementFactory::make("dpirrestore").build().unwrap();
-    let names: Vec<String> = element.list_properties().iter().map(|p| p.name().to_string()).collect();
-    for required in [
-        "model",
-        "device",
-        "precision",
-        "steps",
-        "seed",
-        "prompt",
-        "scale",
-        "tile-size",
-        "tile-overlap",
-        "color-fix",
-        "lq-latent",
-        "tiling",
-        "noise",
-        "max-inflight",
-        "qos",
-        "scene-threshold",
-        "clip-max-frames",
-    ] {
-        assert!(names.iter().any(|n| n == required), "property {required} missing");
+/// A property's default as the README writes it: enum nick, number, `true`/`false`, string, or
+/// `—` for an unset string.
+fn shown(v: &glib::Value) -> String {
+    if let Ok(Some(s)) = v.get::<Option<String>>() {
+        return s;
     }
-    for p in element.list_properties() {
-        if p.owner_type() == DpirRestore::static_type() {
-            assert!(p.blurb().is_some_and(|b| b.len() > 10), "{} needs a blurb", p.name());
+    if v.get::<Option<String>>().is_ok() {
+        return "—".into();
+    }
+    if let Some((_, e)) = glib::EnumValue::from_value(v) {
+        return e.nick().to_string();
+    }
+    for f in [
+        |v: &glib::Value| v.get::<bool>().ok().map(|b| b.to_string()),
+        |v: &glib::Value| v.get::<u32>().ok().map(|n| n.to_string()),
+        |v: &glib::Value| v.get::<i32>().ok().map(|n| n.to_string()),
+        |v: &glib::Value| v.get::<u64>().ok().map(|n| n.to_string()),
+        |v: &glib::Value| v.get::<f64>().ok().map(|n| n.to_string()),
+    ] {
+        if let Some(s) = f(v) {
+            return s;
         }
+    }
+    panic!("unexpected property type {:?}", v.type_())
+}
+
+/// README's property table is the one table of properties and defaults: every property of the
+/// element is in it with the default `gst-inspect-1.0` shows, and nothing else is; each has a
+/// blurb.
+#[test]
+fn every_property_is_in_the_readme_table_with_its_default_and_has_a_blurb() {
+    init();
+    let readme = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let table: Vec<(String, String)> = readme
+        .lines()
+        .skip_while(|l| !l.starts_with("| property | default |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            (cells[1].trim_matches('`').to_string(), cells[2].trim_matches('`').to_string())
+        })
+        .collect();
+    assert!(table.len() > 10, "README has no property table");
+    let element = gst::ElementFactory::make("dpirrestore").build().unwrap();
+    let props: Vec<glib::ParamSpec> =
+        element.list_properties().into_iter().filter(|p| p.owner_type() == DpirRestore::static_type()).collect();
+    for p in &props {
+        let row = table.iter().find(|(n, _)| n == p.name());
+        let (_, default) = row.unwrap_or_else(|| panic!("property {} is missing from README's table", p.name()));
+        assert_eq!(&shown(p.default_value()), default, "default of {}", p.name());
+        assert_eq!(&shown(&element.property_value(p.name())), default, "initial value of {}", p.name());
+        assert!(p.blurb().is_some_and(|b| b.len() > 10), "{} needs a blurb", p.name());
+    }
+    for (name, _) in &table {
+        assert!(props.iter().any(|p| p.name() == name), "README lists {name}, which the element does not have");
     }
     let factory = gst::ElementFactory::find("dpirrestore").unwrap();
     assert_eq!(factory.metadata(gst::ELEMENT_METADATA_KLASS), Some("Filter/Effect/Video"));
+}
+
+/// Values the element cannot honour are refused when it starts, with the reason.
+#[test]
+fn test_engine_scale_3_and_an_unknown_device_are_refused_with_the_reason() {
+    for (prop, value, words) in [("scale", "3", "scale=3"), ("device", "gpu0", "unknown device")] {
+        init();
+        let pipeline = gst::parse::launch(&format!(
+            "videotestsrc num-buffers=2 ! video/x-raw,format=RGB,width=32,height=32 ! dpirrestore name=d {prop}={value} ! fakesink"
+        ))
+        .unwrap()
+        .downcast::<gst::Pipeline>()
+        .unwrap();
+        let d = pipeline.by_name("d").unwrap();
+        assert_eq!(shown(&d.property_value(prop)), value, "the value set is kept, not coerced");
+        d.downcast_ref::<DpirRestore>().unwrap().set_engine_factory(|_s: &EngineSettings| {
+            Ok(Box::new(TestEngine {
+                scale: 1,
+                delay: Duration::ZERO,
+                fail_at: None,
+                calls: Default::default(),
+                contexts: Default::default(),
+            }) as Box<dyn RestoreEngine>)
+        });
+        assert!(pipeline.set_state(gst::State::Playing).is_err(), "{prop}={value} must not start");
+        let msg = pipeline
+            .bus()
+            .unwrap()
+            .timed_pop_filtered(gst::ClockTime::from_seconds(5), &[gst::MessageType::Error])
+            .expect("an error message");
+        let gst::MessageView::Error(err) = msg.view() else { unreachable!() };
+        assert!(err.error().to_string().contains(words), "{prop}={value}: {}", err.error());
+        pipeline.set_state(gst::State::Null).unwrap();
+    }
 }
 
 #[test]
@@ -468,4 +529,40 @@ fn test_engine_flush_keeps_caps_the_worker_has_not_handled_yet() {
         }
     };
     assert_eq!(out.size(), gst_video::VideoInfo::from_caps(&caps("RGB", 12, 10)).unwrap().size());
+}
+
+#[test]
+fn test_engine_tag_and_clip_events_never_wait_for_a_frame_and_apply_in_stream_order() {
+    // A slow engine (600 ms a frame): while frame 0 is being restored, a title tag (the prompt,
+    // with tags-as-prompt) arrives from upstream and a `dpir-clip` request from downstream.
+    let (element, probe) = element_with_test_engine(600, None);
+    element.set_property("tags-as-prompt", true);
+    let mut h = harness(&element);
+    h.set_src_caps(caps("RGB", 8, 8));
+    h.push(rgb_buffer(8, 8, 0)).unwrap();
+    let t = std::time::Instant::now();
+    while probe.calls.load(Ordering::SeqCst) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "the worker never started frame 0");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t = std::time::Instant::now();
+    let mut tags = gst::TagList::new();
+    tags.get_mut().unwrap().add::<gst::tags::Title>(&"a 1906 racing car", gst::TagMergeMode::Replace);
+    assert!(h.push_event(gst::event::Tag::new(tags)));
+    let tag_wait = t.elapsed();
+    let t = std::time::Instant::now();
+    assert!(h.push_upstream_event(gst::event::CustomUpstream::new(gst::Structure::builder("dpir-clip").build())));
+    let clip_wait = t.elapsed();
+    assert!(probe.calls.load(Ordering::SeqCst) == 1 && probe.contexts.lock().unwrap().len() == 1, "still in frame 0");
+    assert!(tag_wait < Duration::from_millis(150), "the tag event waited {tag_wait:?} for the frame");
+    assert!(clip_wait < Duration::from_millis(150), "the clip event waited {clip_wait:?} for the frame");
+    h.push(rgb_buffer(8, 8, 1)).unwrap();
+    h.pull().unwrap();
+    h.pull().unwrap();
+    let ctxs = probe.contexts.lock().unwrap();
+    // Frame 0 was queued before the tag: it keeps the empty prompt; frame 1 gets the tag's, and
+    // starts the clip the downstream request asked for.
+    assert_eq!(ctxs[0].prompt, "");
+    assert_eq!(ctxs[1].prompt, "a 1906 racing car");
+    assert_eq!((ctxs[1].clip_index, ctxs[1].new_clip), (1, Some(gstdpir::engine::ClipReason::Event)));
 }

@@ -10,7 +10,10 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use common::*;
-use gstdpir::engine::{ClipReason, EngineSettings, FrameContext, RestoreEngine, StreamInfo};
+use gstdpir::engine::{
+    ClipReason, ColorFix, DeviceSpec, EngineSettings, FrameContext, LqLatent, NoiseMode, RestoreEngine, StreamInfo,
+    TilingMode,
+};
 use gstdpir::restorer::DpirEngine;
 
 const FILM: &str = "Shepard_Calais_1906_FrenchGP.ogv";
@@ -90,17 +93,24 @@ fn fixture_model_restores_the_1906_film_frame_for_frame_and_deterministically() 
     std::fs::remove_dir_all(&model).ok();
 }
 
-#[test]
-fn element_output_equals_the_library_pipeline_on_the_first_frame() {
-    let model = fixture_model_dir("equal", true);
-    let p = film_pipeline(&model, "prompt=\"an old racing car\"", Some(1), None, "identity name=o ! fakesink");
+/// The first frame of the film (scaled to `size`) through the element with `props`, and the
+/// same frame through the library engine with `settings`: (element output, library output,
+/// output width × height).
+fn element_and_library(
+    model: &Path,
+    size: (u32, u32),
+    props: &str,
+    settings: &EngineSettings,
+    scale: usize,
+) -> (Vec<u8>, Vec<u8>, (usize, usize)) {
+    let p = film_pipeline(model, props, Some(2), Some(size), "identity name=o ! fakesink");
     let ins = capture(&p, "d", 1);
     let outs = capture(&p, "o", 1);
     run_pipeline(&p).unwrap();
     let (inbuf, incaps) = ins.lock().unwrap()[0].clone();
-    let (outbuf, _) = outs.lock().unwrap()[0].clone();
-
+    let (outbuf, outcaps) = outs.lock().unwrap()[0].clone();
     let info = gst_video::VideoInfo::from_caps(&incaps).unwrap();
+    let out_info = gst_video::VideoInfo::from_caps(&outcaps).unwrap();
     let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(inbuf.as_ref(), &info).unwrap();
     let (w, h, stride) = (info.width() as usize, info.height() as usize, info.stride()[0] as usize);
     let data = frame.plane_data(0).unwrap();
@@ -110,34 +120,74 @@ fn element_output_equals_the_library_pipeline_on_the_first_frame() {
             img.data[y * w * 3 + x] = data[y * stride + x] as f32 / 255.0;
         }
     }
-    let settings = EngineSettings {
-        model: Some(model.clone()),
-        device: "cpu".into(),
-        steps: 2,
-        seed: 7,
-        lq_latent: "mode".into(),
-        prompt: "an old racing car".into(),
-        ..Default::default()
-    };
-    let mut engine = DpirEngine::load(&settings).unwrap();
-    engine.configure(&StreamInfo { in_width: w, in_height: h, scale: 1, fps: None }).unwrap();
+    let mut engine = DpirEngine::load(settings).unwrap();
+    engine.configure(&StreamInfo { in_width: w, in_height: h, scale, fps: None, depth: 8 }).unwrap();
     let ctx = FrameContext {
         index: 0,
         clip_index: 0,
         new_clip: Some(ClipReason::Start),
-        prompt: "an old racing car".into(),
+        prompt: settings.prompt.clone(),
         cancel: Default::default(),
     };
     let lib = engine.restore(&img, &ctx).unwrap();
+    let (ow, oh, ostride) = (out_info.width() as usize, out_info.height() as usize, out_info.stride()[0] as usize);
+    assert_eq!((lib.width, lib.height), (ow, oh));
     let map = outbuf.map_readable().unwrap();
-    let mut max = 0i32;
-    for y in 0..h {
-        for x in 0..w * 3 {
-            let e = (lib.data[y * w * 3 + x].clamp(0.0, 1.0) * 255.0).round() as i32;
-            max = max.max((e - map[y * stride + x] as i32).abs());
-        }
+    let mut el = Vec::with_capacity(ow * oh * 3);
+    for y in 0..oh {
+        el.extend_from_slice(&map[y * ostride..y * ostride + ow * 3]);
     }
-    assert_eq!(max, 0, "element and library disagree on the first frame");
+    let lib: Vec<u8> = lib.data.iter().map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
+    (el, lib, (ow, oh))
+}
+
+/// Each model-side property reaches the engine: the element's output equals the library's with
+/// the same setting, and differs from the output without it (so an element that ignored the
+/// property would fail). Frames are 560×144 so that `tiling` matters (a side in (512, 1024) is
+/// where the official tiling's quirk bites).
+#[test]
+fn element_output_equals_the_library_for_every_model_property() {
+    let model = fixture_model_dir("equal", true);
+    let base = EngineSettings {
+        model: Some(model.clone()),
+        device: DeviceSpec::Cpu,
+        steps: 2,
+        seed: 7,
+        lq_latent: LqLatent::Mode,
+        prompt: "an old racing car".into(),
+        ..Default::default()
+    };
+    let size = (560, 144);
+    let base_props = "prompt=\"an old racing car\"";
+    let size = (size.0 as usize, size.1 as usize);
+    let (el0, lib0, _) = element_and_library(&model, (size.0 as u32, size.1 as u32), base_props, &base, 1);
+    assert!(el0 == lib0, "element and library disagree with default settings");
+    type Tweak = fn(&mut EngineSettings);
+    let cases: [(&str, Tweak, usize); 7] = [
+        ("color-fix=adain", |s| s.color_fix = ColorFix::Adain, 1),
+        ("color-fix=none", |s| s.color_fix = ColorFix::None, 1),
+        ("tiling=corrected", |s| s.tiling = TilingMode::Corrected, 1),
+        ("noise=per-frame", |s| s.noise = NoiseMode::PerFrame, 1),
+        ("lq-latent=sample", |s| s.lq_latent = LqLatent::Sample, 1),
+        ("tile-size=16 tile-overlap=4", |s| (s.tile_size, s.tile_overlap) = (16, 4), 1),
+        ("scale=2", |_| {}, 2),
+    ];
+    for (props, tweak, scale) in cases {
+        let mut settings = base.clone();
+        tweak(&mut settings);
+        // ×2 from half the size: the same output size as the others.
+        let input = ((size.0 / scale) as u32, (size.1 / scale) as u32);
+        let t0 = std::time::Instant::now();
+        let (el, lib, (w, h)) = element_and_library(&model, input, &format!("{base_props} {props}"), &settings, scale);
+        assert!(el == lib, "[{props}] element and library disagree");
+        if scale == 1 {
+            let differing = el.iter().zip(&el0).filter(|(a, b)| a != b).count();
+            assert!(differing > 0, "[{props}] changes nothing: the element ignores it");
+        } else {
+            assert_eq!((w, h), size);
+        }
+        eprintln!("[{props}] element == library ({w}x{h}, {:.1} s)", t0.elapsed().as_secs_f64());
+    }
     std::fs::remove_dir_all(&model).ok();
 }
 
@@ -284,9 +334,9 @@ fn bf16_on_cpu_is_a_settings_error() {
 fn engine_settings(model: &Path, low_memory: bool) -> EngineSettings {
     EngineSettings {
         model: Some(model.to_path_buf()),
-        device: "cpu".into(),
+        device: DeviceSpec::Cpu,
         steps: 1,
-        lq_latent: "mode".into(),
+        lq_latent: LqLatent::Mode,
         low_memory,
         ..Default::default()
     }
@@ -307,7 +357,7 @@ fn low_memory_frees_the_text_encoder_after_each_new_prompt() {
     let d = fixture_model_dir("lowmem", true);
     let mut e = DpirEngine::load(&engine_settings(&d, true)).unwrap();
     assert!(e.model().text_encoder_loaded(), "loaded and validated up front");
-    e.configure(&StreamInfo { in_width: 32, in_height: 32, scale: 1, fps: None }).unwrap();
+    e.configure(&StreamInfo { in_width: 32, in_height: 32, scale: 1, fps: None, depth: 8 }).unwrap();
     let img = gstdpir::engine::Image::new(32, 32);
     let ctx = |i: u64, prompt: &str| FrameContext {
         index: i,

@@ -1,6 +1,7 @@
-//! Parity with the official DPIR code: every case folder under `$DPIR_FIXTURES`
-//! (default `../shared/fixtures`) becomes one test per output tensor, named
-//! `<case>::<tensor>`. A case folder with no runner is a failing test, never a skip.
+//! Parity with the official DPIR code: every case folder under `$DPIR_FIXTURES` (required;
+//! `tests/run` sets it to `../shared/fixtures`) becomes one test per output tensor, named
+//! `<case>::<tensor>`. A case folder with no runner, an expected case that is missing, or an
+//! unset `DPIR_FIXTURES` is a failing test, never a skip.
 //!
 //! Each case's runner (in `tests/parity/`) is picked by the folder name's prefix, runs once,
 //! and returns the tensors it produced; every `output` listed in the case's `config.json`
@@ -46,6 +47,24 @@ const RUNNERS: &[(&str, Runner)] = &[
     ("prompt_assembly_", prompt::run),
 ];
 
+/// The cases of `../shared/fixtures` (its README §3): each must be present, so that a deleted or
+/// unreadable case folder fails the suite instead of silently running fewer tests.
+const EXPECTED_CASES: &[&str] = &[
+    "clip_preprocess",
+    "clip_vision_b32",
+    "clip_vision_bigg",
+    "dpir_transformer_nonsquare",
+    "dpir_transformer_square",
+    "pipeline_e2e",
+    "prompt_assembly_multitile",
+    "prompt_assembly_quirk",
+    "scheduler",
+    "sd3_vae",
+    "t5_encoder",
+    "taesd3",
+    "wavelet_color_fix",
+];
+
 fn main() {
-    common::main(RUNNERS)
+    common::main(RUNNERS, EXPECTED_CASES)
 }

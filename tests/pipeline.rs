@@ -1,65 +1,18 @@
-//! Real GStreamer pipelines on real footage (`../shared/media`, or `$DPIR_MEDIA`).
+//! Real GStreamer pipelines on real footage (`$DPIR_MEDIA`): the 1906 film decoded, restored,
+//! encoded and decoded again, once with a nearest-neighbour test engine over the whole film (the
+//! element's frame accounting through real codecs) and once with the real engine and the
+//! embedded dpir-nano on its first frames.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+mod common;
 
+use std::sync::atomic::Ordering;
+
+use common::*;
 use gst::prelude::*;
 use gstdpir::dpirrestore::DpirRestore;
 use gstdpir::engine::{EngineError, EngineSettings, FrameContext, Image, RestoreEngine, StreamInfo, upscale_nearest};
 
-fn init() {
-    static INIT: Once = Once::new();
-    INIT.call_once(|| {
-        gst::init().unwrap();
-        gstdpir::plugin_register_static().expect("register dpir plugin");
-    });
-}
-
-pub fn media(name: &str) -> PathBuf {
-    let dir = std::env::var_os("DPIR_MEDIA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/media"));
-    let p = dir.join(name);
-    assert!(p.exists(), "missing real media {}", p.display());
-    p
-}
-
-/// Run a pipeline to EOS; panics with the error message otherwise.
-fn run(pipeline: &gst::Pipeline) {
-    pipeline.set_state(gst::State::Playing).unwrap();
-    let bus = pipeline.bus().unwrap();
-    for msg in bus.iter_timed(gst::ClockTime::from_seconds(600)) {
-        match msg.view() {
-            gst::MessageView::Eos(_) => break,
-            gst::MessageView::Error(e) => {
-                pipeline.set_state(gst::State::Null).unwrap();
-                panic!("pipeline error: {} ({:?})", e.error(), e.debug());
-            }
-            _ => {}
-        }
-    }
-    pipeline.set_state(gst::State::Null).unwrap();
-}
-
-/// Decoded video frames in a file.
-fn count_frames(path: &std::path::Path) -> u64 {
-    let p = gst::parse::launch(&format!(
-        "filesrc location=\"{}\" ! decodebin ! videoconvert ! fakesink name=sink sync=false",
-        path.display()
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
-    let n = Arc::new(AtomicU64::new(0));
-    let n2 = n.clone();
-    p.by_name("sink").unwrap().static_pad("sink").unwrap().add_probe(gst::PadProbeType::BUFFER, move |_, _| {
-        n2.fetch_add(1, Ordering::SeqCst);
-        gst::PadProbeReturn::Ok
-    });
-    run(&p);
-    n.load(Ordering::SeqCst)
-}
+const FILM: &str = "Shepard_Calais_1906_FrenchGP.ogv";
 
 struct Nearest(usize);
 impl RestoreEngine for Nearest {
@@ -73,29 +26,56 @@ impl RestoreEngine for Nearest {
 }
 
 #[test]
-fn test_engine_1906_film_decoded_restored_encoded_keeps_every_frame() {
-    init();
-    let input = media("Shepard_Calais_1906_FrenchGP.ogv");
+fn nearest_test_engine_the_whole_1906_film_decoded_restored_encoded_keeps_every_frame() {
+    let input = media(FILM);
     let out = std::env::temp_dir().join(format!("dpir-film-test-{}.ogv", std::process::id()));
-    let pipeline = gst::parse::launch(&format!(
+    let pipeline = launch(&format!(
         "filesrc location=\"{}\" ! decodebin ! videoconvert ! dpirrestore name=d scale=2 ! videoconvert ! \
          theoraenc ! oggmux ! filesink location=\"{}\"",
         input.display(),
         out.display()
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
+    ));
     pipeline
         .by_name("d")
         .unwrap()
         .downcast_ref::<DpirRestore>()
         .unwrap()
         .set_engine_factory(|_s: &EngineSettings| Ok(Box::new(Nearest(1)) as Box<dyn RestoreEngine>));
-    run(&pipeline);
+    run_pipeline(&pipeline).expect("film pipeline");
     let frames_in = count_frames(&input);
     let frames_out = count_frames(&out);
     assert!(frames_in > 100, "the film has hundreds of frames, decoded {frames_in}");
     assert_eq!(frames_out, frames_in);
+    std::fs::remove_file(&out).ok();
+}
+
+/// The element as a user runs it: no `model` property (the embedded dpir-nano), the real engine,
+/// ×2, into a real encoder; every frame restored comes out of the file, at twice the size.
+#[test]
+fn embedded_model_restores_the_film_s_first_frames_through_real_codecs() {
+    let input = media(FILM);
+    let out = std::env::temp_dir().join(format!("dpir-film-nano-{}.ogv", std::process::id()));
+    let frames = 12;
+    let pipeline = launch(&format!(
+        "filesrc location=\"{}\" ! decodebin ! videoconvert ! identity eos-after={} ! dpirrestore name=d scale=2 ! \
+         videoconvert ! theoraenc ! oggmux ! filesink location=\"{}\"",
+        input.display(),
+        frames + 1,
+        out.display()
+    ));
+    let n_in = count_buffers(&pipeline, "d");
+    run_pipeline(&pipeline).expect("embedded model pipeline");
+    let n_in = n_in.load(Ordering::SeqCst);
+    assert!(n_in >= frames as u64, "{n_in} frames reached the element");
+    let check = launch(&format!(
+        "filesrc location=\"{}\" ! decodebin ! videoconvert ! video/x-raw,format=RGB ! fakesink name=sink",
+        out.display()
+    ));
+    let store = capture(&check, "sink", 1000);
+    run_pipeline(&check).expect("decoding the restored file");
+    let store = store.lock().unwrap();
+    assert_eq!(store.len() as u64, n_in, "one restored frame per input frame");
+    let s = store[0].1.structure(0).unwrap().to_owned();
+    assert_eq!((s.get::<i32>("width").unwrap(), s.get::<i32>("height").unwrap()), (428, 320));
     std::fs::remove_file(&out).ok();
 }

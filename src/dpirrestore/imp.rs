@@ -1,6 +1,7 @@
 //! `dpirrestore` implementation: a sink pad whose chain function only queues, and a source pad
 //! task that runs the engine and pushes. Serialized events travel through the same queue so
-//! they stay in order with the frames around them.
+//! they stay in order with the frames around them, and the worker applies them in that order;
+//! nothing the streaming or downstream threads do waits for an inference.
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, LazyLock, Mutex};
@@ -13,8 +14,10 @@ use gst_video::prelude::*;
 
 use super::video;
 use super::{ColorFix, LqLatent, Noise, Precision, Tiling};
-use crate::cache::{ClipRequest, ClipTracker, ClipTrackerSettings};
-use crate::engine::{CancelFlag, EngineError, EngineFactory, EngineSettings, FrameContext, RestoreEngine, StreamInfo};
+use crate::engine::{
+    CancelFlag, DeviceSpec, EngineError, EngineFactory, EngineSettings, FrameContext, RestoreEngine, StreamInfo,
+};
+use crate::scene::{ClipRequest, ClipTracker, ClipTrackerSettings};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -24,88 +27,55 @@ static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     )
 });
 
-const DEFAULT_SCALE: u32 = 1;
-/// 0: the model's own default (`sampler.default_steps` in model.json; DPIR: 28).
-const DEFAULT_STEPS: u32 = 0;
-const DEFAULT_MAX_INFLIGHT: u32 = 2;
-const DEFAULT_SCENE_THRESHOLD: f64 = crate::cache::DEFAULT_SCENE_THRESHOLD;
-
+/// Every property's value. `Default` is the one source of the ParamSpec defaults; the model-side
+/// ones come from [`EngineSettings::default`].
 #[derive(Debug, Clone)]
 struct Settings {
-    model: Option<String>,
-    device: String,
-    precision: Precision,
-    steps: u32,
-    seed: u64,
-    prompt: String,
+    engine: EngineSettings,
+    /// A `device` string that did not parse: the state change to PAUSED fails with its error.
+    device_error: Option<(String, String)>,
     scale: u32,
-    tile_size: u32,
-    tile_overlap: u32,
-    color_fix: ColorFix,
-    lq_latent: LqLatent,
-    tiling: Tiling,
-    noise: Noise,
-    low_memory: bool,
     max_inflight: u32,
     qos: bool,
     scene_threshold: f64,
     clip_max_frames: u32,
     tags_as_prompt: bool,
-    warm_start: f64,
     first_clip_index: u64,
+    analyse_only: bool,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            model: None,
-            device: "auto".into(),
-            precision: Precision::F32,
-            steps: DEFAULT_STEPS,
-            seed: 0,
-            prompt: String::new(),
-            scale: DEFAULT_SCALE,
-            tile_size: 128,
-            tile_overlap: 8,
-            color_fix: ColorFix::Wavelet,
-            lq_latent: LqLatent::Sample,
-            tiling: Tiling::Reference,
-            noise: Noise::PerClip,
-            low_memory: false,
-            max_inflight: DEFAULT_MAX_INFLIGHT,
+            engine: EngineSettings::default(),
+            device_error: None,
+            scale: 1,
+            max_inflight: 2,
             qos: false,
-            scene_threshold: DEFAULT_SCENE_THRESHOLD,
+            scene_threshold: crate::scene::DEFAULT_SCENE_THRESHOLD,
             clip_max_frames: 0,
             tags_as_prompt: false,
-            warm_start: 0.0,
             first_clip_index: 0,
+            analyse_only: false,
         }
     }
 }
 
 impl Settings {
-    fn engine_settings(&self) -> EngineSettings {
-        let nick = |v: &dyn ToValue| {
-            let v = v.to_value();
-            glib::EnumValue::from_value(&v).map(|(_, e)| e.nick().to_string()).unwrap_or_default()
-        };
-        EngineSettings {
-            model: self.model.as_ref().map(Into::into),
-            device: self.device.clone(),
-            precision: nick(&self.precision),
-            steps: self.steps,
-            seed: self.seed,
-            prompt: self.prompt.clone(),
-            color_fix: nick(&self.color_fix),
-            lq_latent: nick(&self.lq_latent),
-            tiling: nick(&self.tiling),
-            tile_size: self.tile_size,
-            tile_overlap: self.tile_overlap,
-            noise: nick(&self.noise),
-            low_memory: self.low_memory,
-            reuse_prompts: true,
-            warm_start: self.warm_start,
+    /// Output size / input size: `analyse-only` passes frames through unchanged.
+    fn effective_scale(&self) -> u32 {
+        if self.analyse_only { 1 } else { self.scale }
+    }
+
+    /// What cannot run, said before anything starts.
+    fn check(&self) -> Result<(), String> {
+        if let Some((value, err)) = &self.device_error {
+            return Err(format!("device `{value}`: {err}"));
         }
+        if ![1, 2, 4].contains(&self.scale) {
+            return Err(format!("scale={} is not supported: use 1, 2 or 4", self.scale));
+        }
+        Ok(())
     }
 }
 
@@ -132,9 +102,13 @@ impl Default for Queue {
     }
 }
 
-/// State owned by the worker (source pad task).
+/// State owned by the worker (source pad task). Only the worker takes this lock while the task
+/// runs (state changes and flush-stop take it with the task stopped), so it may be held for a
+/// whole inference.
 struct Worker {
     engine: Option<Box<dyn RestoreEngine>>,
+    /// The settings `engine` was built from.
+    built_with: Option<EngineSettings>,
     in_info: Option<gst_video::VideoInfo>,
     out_info: Option<gst_video::VideoInfo>,
     frame_index: u64,
@@ -142,7 +116,25 @@ struct Worker {
     started: Option<Instant>,
     segment: gst::FormattedSegment<gst::ClockTime>,
     clips: ClipTracker,
+    /// The stream's description/title tag (`tags-as-prompt`), from the last tag event handled.
     tag_prompt: Option<String>,
+}
+
+impl Worker {
+    fn new(clips: ClipTrackerSettings) -> Self {
+        Self {
+            engine: None,
+            built_with: None,
+            in_info: None,
+            out_info: None,
+            frame_index: 0,
+            frames_done: 0,
+            started: None,
+            segment: gst::FormattedSegment::new(),
+            clips: ClipTracker::new(clips),
+            tag_prompt: None,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -160,6 +152,9 @@ pub struct DpirRestore {
     queue: Mutex<Queue>,
     cond: Condvar,
     worker: Mutex<Worker>,
+    /// A `dpir-clip` request from downstream (upstream event): taken by the worker at its next
+    /// frame, so the sending thread never waits for an inference.
+    upstream_clip: Mutex<Option<ClipRequest>>,
     factory: Mutex<Option<EngineFactory>>,
     cancel: CancelFlag,
     qos: Mutex<Qos>,
@@ -182,7 +177,7 @@ impl DpirRestore {
         if caps.is_any() {
             return caps.clone();
         }
-        let scale = self.settings.lock().unwrap().scale as i32;
+        let scale = self.settings.lock().unwrap().effective_scale() as i32;
         let mut out = gst::Caps::new_empty();
         {
             let out = out.get_mut().unwrap();
@@ -250,7 +245,7 @@ impl DpirRestore {
         if !video::FORMATS.contains(&info.format()) {
             return Err(format!("format {:?} is not supported: put `videoconvert` before dpirrestore", info.format()));
         }
-        let scale = self.settings.lock().unwrap().scale;
+        let scale = self.settings.lock().unwrap().effective_scale();
         let out = gst_video::VideoInfo::builder(info.format(), info.width() * scale, info.height() * scale)
             .fps(info.fps())
             .par(info.par())
@@ -367,22 +362,13 @@ impl DpirRestore {
                     }
                 }
             }
-            EventView::Segment(_) | EventView::Eos(_) | EventView::StreamStart(_) | EventView::Gap(_) => {
-                self.enqueue_event(event)
-            }
-            EventView::Tag(t) => {
-                if self.settings.lock().unwrap().tags_as_prompt {
-                    let tags = t.tag();
-                    let text = tags
-                        .get::<gst::tags::Description>()
-                        .map(|v| v.get().to_string())
-                        .or_else(|| tags.get::<gst::tags::Title>().map(|v| v.get().to_string()));
-                    if let Some(text) = text {
-                        self.worker.lock().unwrap().tag_prompt = Some(text);
-                    }
-                }
-                self.enqueue_event(event)
-            }
+            // Tags (a prompt with `tags-as-prompt`) are applied by the worker when it reaches them,
+            // i.e. to the frames after them in stream order.
+            EventView::Segment(_)
+            | EventView::Eos(_)
+            | EventView::StreamStart(_)
+            | EventView::Gap(_)
+            | EventView::Tag(_) => self.enqueue_event(event),
             EventView::CustomDownstreamOob(_) if parse_clip_event(&event).is_some() => self.enqueue_event(event),
             _ if event.is_serialized() => self.enqueue_event(event),
             _ => gst::Pad::event_default(pad, Some(&*self.obj()), event),
@@ -446,8 +432,9 @@ impl DpirRestore {
 
     fn src_event(&self, pad: &gst::Pad, event: gst::Event) -> bool {
         if let Some(req) = parse_clip_event(&event) {
-            // From a downstream application: applies to the next frame the worker takes.
-            self.worker.lock().unwrap().clips.request(req);
+            // From a downstream application: applies to the next frame the worker takes. Its own
+            // small lock: the worker may be in the middle of a frame.
+            *self.upstream_clip.lock().unwrap() = Some(req);
             return true;
         }
         if let gst::EventView::Qos(q) = event.view() {
@@ -568,19 +555,29 @@ impl DpirRestore {
                 let info = StreamInfo {
                     in_width: in_info.width() as usize,
                     in_height: in_info.height() as usize,
-                    scale: self.settings.lock().unwrap().scale as usize,
+                    scale: self.settings.lock().unwrap().effective_scale() as usize,
                     fps: (in_info.fps().numer() > 0).then(|| (in_info.fps().numer(), in_info.fps().denom())),
+                    depth: video::depth(in_info.format()),
                 };
                 let mut w = self.worker.lock().unwrap();
-                let Some(engine) = w.engine.as_mut() else {
+                if let Some(engine) = w.engine.as_mut() {
+                    if let Err(e) = engine.configure(&info) {
+                        self.post_engine_error(&e);
+                        return Err(gst::FlowError::NotNegotiated);
+                    }
+                } else if !self.settings.lock().unwrap().analyse_only {
                     gst::element_imp_error!(self, gst::CoreError::StateChange, ("No engine loaded"));
                     return Err(gst::FlowError::Error);
-                };
-                if let Err(e) = engine.configure(&info) {
-                    self.post_engine_error(&e);
-                    return Err(gst::FlowError::NotNegotiated);
                 }
-                gst::info!(CAT, imp = self, "configured {}x{} ×{}", info.in_width, info.in_height, info.scale);
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "configured {}x{} ×{}, {}-bit",
+                    info.in_width,
+                    info.in_height,
+                    info.scale,
+                    info.depth
+                );
                 w.in_info = Some(in_info);
                 w.out_info = Some(out_info.clone());
                 drop(w);
@@ -596,6 +593,20 @@ impl DpirRestore {
                 }
                 if let Some(d) = self.sinkpad.peer_query_duration::<gst::ClockTime>() {
                     *self.duration.lock().unwrap() = Some(d);
+                }
+                self.push_event(event)
+            }
+            EventView::Tag(t) => {
+                if self.settings.lock().unwrap().tags_as_prompt {
+                    let tags = t.tag();
+                    let text = tags
+                        .get::<gst::tags::Description>()
+                        .map(|v| v.get().to_string())
+                        .or_else(|| tags.get::<gst::tags::Title>().map(|v| v.get().to_string()));
+                    if let Some(text) = text {
+                        gst::debug!(CAT, imp = self, "prompt from tags: {text:?}");
+                        self.worker.lock().unwrap().tag_prompt = Some(text);
+                    }
                 }
                 self.push_event(event)
             }
@@ -624,6 +635,13 @@ impl DpirRestore {
             EngineError::Stream(m) => gst::element_imp_error!(self, gst::StreamError::Format, ("{m}")),
             EngineError::Runtime(m) => gst::element_imp_error!(self, gst::StreamError::Failed, ("{m}")),
             EngineError::Cancelled => {}
+        }
+    }
+
+    /// The engine's warnings (precision fallback, settings without effect) as warning messages.
+    fn post_engine_warnings(&self, engine: &mut dyn RestoreEngine) {
+        for msg in engine.take_warnings() {
+            gst::element_imp_warning!(self, gst::LibraryError::Settings, ("{msg}"));
         }
     }
 
@@ -682,9 +700,15 @@ impl DpirRestore {
             )
         };
 
-        let settings_prompt = self.settings.lock().unwrap().prompt.clone();
+        let (settings_prompt, analyse_only) = {
+            let s = self.settings.lock().unwrap();
+            (s.engine.prompt.clone(), s.analyse_only)
+        };
         let prompt =
             if settings_prompt.is_empty() { w.tag_prompt.clone().unwrap_or_default() } else { settings_prompt };
+        if let Some(req) = self.upstream_clip.lock().unwrap().take() {
+            w.clips.request(req);
+        }
         let index = w.frame_index;
         let (clip_index, new_clip) = w.clips.observe(&image, &prompt);
         let prompt = w.clips.effective_prompt(&prompt);
@@ -700,53 +724,61 @@ impl DpirRestore {
             let _ = self.obj().post_message(gst::message::Element::builder(s).src(&*self.obj()).build());
         }
 
-        let engine = w.engine.as_mut().ok_or(gst::FlowError::Error)?;
-        let restored = match engine.restore(&image, &ctx) {
-            Ok(img) => img,
-            Err(EngineError::Cancelled) => return Err(gst::FlowError::Flushing),
-            Err(e) => {
-                self.post_engine_error(&e);
+        let (outbuf, engine_timings) = if analyse_only {
+            // Segmentation only (a pre-pass): the frame goes on untouched.
+            (inbuf.clone(), None)
+        } else {
+            let engine = w.engine.as_mut().ok_or(gst::FlowError::Error)?;
+            let restored = engine.restore(&image, &ctx);
+            self.post_engine_warnings(engine.as_mut());
+            let restored = match restored {
+                Ok(img) => img,
+                Err(EngineError::Cancelled) => return Err(gst::FlowError::Flushing),
+                Err(e) => {
+                    self.post_engine_error(&e);
+                    return Err(gst::FlowError::Error);
+                }
+            };
+            if restored.width != out_info.width() as usize || restored.height != out_info.height() as usize {
+                gst::element_imp_error!(
+                    self,
+                    gst::StreamError::Failed,
+                    (
+                        "Engine returned {}x{}, expected {}x{}",
+                        restored.width,
+                        restored.height,
+                        out_info.width(),
+                        out_info.height()
+                    )
+                );
                 return Err(gst::FlowError::Error);
             }
+            let mut outbuf = gst::Buffer::with_size(out_info.size()).map_err(|_| gst::FlowError::Error)?;
+            {
+                let outref = outbuf.get_mut().unwrap();
+                inbuf
+                    .copy_into(outref, gst::BufferCopyFlags::FLAGS | gst::BufferCopyFlags::TIMESTAMPS, ..)
+                    .map_err(|_| gst::FlowError::Error)?;
+                let mut frame = gst_video::VideoFrameRef::from_buffer_ref_writable(outref, &out_info)
+                    .map_err(|_| gst::FlowError::Error)?;
+                let stride = frame.plane_stride()[0] as usize;
+                video::write(
+                    out_info.format(),
+                    &restored,
+                    &alpha,
+                    in_info.width() as usize,
+                    stride,
+                    frame.plane_data_mut(0).map_err(|_| gst::FlowError::Error)?,
+                );
+            }
+            let latency = engine.latency();
+            let timings = engine.timings();
+            *self.frame_time.lock().unwrap() = Some(latency.unwrap_or(t0.elapsed()));
+            (outbuf, timings)
         };
-        if restored.width != out_info.width() as usize || restored.height != out_info.height() as usize {
-            gst::element_imp_error!(
-                self,
-                gst::StreamError::Failed,
-                (
-                    "Engine returned {}x{}, expected {}x{}",
-                    restored.width,
-                    restored.height,
-                    out_info.width(),
-                    out_info.height()
-                )
-            );
-            return Err(gst::FlowError::Error);
-        }
-
-        let mut outbuf = gst::Buffer::with_size(out_info.size()).map_err(|_| gst::FlowError::Error)?;
-        {
-            let outref = outbuf.get_mut().unwrap();
-            inbuf
-                .copy_into(outref, gst::BufferCopyFlags::FLAGS | gst::BufferCopyFlags::TIMESTAMPS, ..)
-                .map_err(|_| gst::FlowError::Error)?;
-            let mut frame = gst_video::VideoFrameRef::from_buffer_ref_writable(outref, &out_info)
-                .map_err(|_| gst::FlowError::Error)?;
-            let stride = frame.plane_stride()[0] as usize;
-            video::write(
-                out_info.format(),
-                &restored,
-                &alpha,
-                in_info.width() as usize,
-                stride,
-                frame.plane_data_mut(0).map_err(|_| gst::FlowError::Error)?,
-            );
-        }
 
         // Bookkeeping and progress before pushing, so a blocking downstream doesn't skew fps.
         let elapsed = t0.elapsed();
-        *self.frame_time.lock().unwrap() = Some(engine.latency().unwrap_or(elapsed));
-        let engine_timings = engine.timings();
         w.frame_index += 1;
         w.frames_done += 1;
         let started = *w.started.get_or_insert(t0);
@@ -780,26 +812,39 @@ impl DpirRestore {
     // ---- engine loading --------------------------------------------------------------------
 
     fn load_engine(&self) -> Result<(), gst::StateChangeError> {
-        let settings = self.settings.lock().unwrap().engine_settings();
-        let factory = self.factory.lock().unwrap().clone().unwrap_or_else(crate::engine::default_factory);
+        let settings = self.settings.lock().unwrap().clone();
+        if settings.analyse_only {
+            gst::info!(CAT, imp = self, "analyse-only: no model is loaded");
+            let mut w = self.worker.lock().unwrap();
+            w.engine = None;
+            w.built_with = None;
+            return Ok(());
+        }
+        let factory = self.factory.lock().unwrap().clone().unwrap_or_else(crate::restorer::factory);
         let obj = self.obj();
-        let what =
-            settings.model.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "embedded dpir-nano".into());
+        let what = settings
+            .engine
+            .model
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "embedded dpir-nano".into());
         let _ = obj.post_message(
             gst::message::Progress::builder(gst::ProgressType::Start, "load-model", &format!("Loading model {what}"))
                 .src(&*obj)
                 .build(),
         );
-        match factory(&settings) {
-            Ok(engine) => {
+        match factory(&settings.engine) {
+            Ok(mut engine) => {
                 gst::info!(CAT, imp = self, "engine ready: {}", engine.describe());
                 let _ = obj.post_message(
                     gst::message::Progress::builder(gst::ProgressType::Complete, "load-model", &engine.describe())
                         .src(&*obj)
                         .build(),
                 );
+                self.post_engine_warnings(engine.as_mut());
                 let mut w = self.worker.lock().unwrap();
                 w.engine = Some(engine);
+                w.built_with = Some(settings.engine);
                 Ok(())
             }
             Err(e) => {
@@ -823,14 +868,11 @@ impl DpirRestore {
         };
         drop(s);
         let mut w = self.worker.lock().unwrap();
-        w.in_info = None;
-        w.out_info = None;
-        w.frame_index = 0;
-        w.frames_done = 0;
-        w.started = None;
-        w.segment = gst::FormattedSegment::new();
-        w.clips = ClipTracker::new(clip_settings);
-        w.tag_prompt = None;
+        let (engine, built_with) = (w.engine.take(), w.built_with.take());
+        *w = Worker::new(clip_settings);
+        w.engine = engine;
+        w.built_with = built_with;
+        *self.upstream_clip.lock().unwrap() = None;
         *self.qos.lock().unwrap() = Qos::default();
         *self.duration.lock().unwrap() = None;
     }
@@ -893,17 +935,8 @@ impl ObjectSubclass for DpirRestore {
             settings: Mutex::new(Settings::default()),
             queue: Mutex::new(Queue::default()),
             cond: Condvar::new(),
-            worker: Mutex::new(Worker {
-                engine: None,
-                in_info: None,
-                out_info: None,
-                frame_index: 0,
-                frames_done: 0,
-                started: None,
-                segment: gst::FormattedSegment::new(),
-                clips: ClipTracker::new(ClipTrackerSettings::default()),
-                tag_prompt: None,
-            }),
+            worker: Mutex::new(Worker::new(ClipTrackerSettings::default())),
+            upstream_clip: Mutex::new(None),
             factory: Mutex::new(None),
             cancel: CancelFlag::default(),
             qos: Mutex::new(Qos::default()),
@@ -916,6 +949,8 @@ impl ObjectSubclass for DpirRestore {
 impl ObjectImpl for DpirRestore {
     fn properties() -> &'static [glib::ParamSpec] {
         static PROPS: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
+            let d = Settings::default();
+            let e = &d.engine;
             vec![
                 glib::ParamSpecString::builder("model")
                     .nick("Model")
@@ -925,74 +960,73 @@ impl ObjectImpl for DpirRestore {
                 glib::ParamSpecString::builder("device")
                     .nick("Device")
                     .blurb("Compute device: cpu, cuda:N, or auto (first CUDA GPU if built with CUDA, else cpu)")
-                    .default_value(Some("auto"))
+                    .default_value(Some(e.device.to_string().as_str()))
                     .mutable_ready()
                     .build(),
-                glib::ParamSpecEnum::builder_with_default("precision", Precision::F32)
+                glib::ParamSpecEnum::builder_with_default("precision", Precision::from(e.precision))
                     .nick("Precision")
-                    .blurb("Numeric precision of the model (bf16 needs a GPU)")
+                    .blurb("Numeric precision of the model (bf16 needs a GPU; an f16 overflow falls back to a wider type with a warning)")
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecUInt::builder("steps")
                     .nick("Steps")
-                    .blurb("Sampling steps per frame; 0: the model's default (DPIR: 28, the embedded dpir-nano: few)")
-                    .minimum(0)
+                    .blurb("Sampling steps per frame; 0: the model's default (DPIR: 28, the embedded dpir-nano: 1)")
                     .maximum(1000)
-                    .default_value(DEFAULT_STEPS)
+                    .default_value(e.steps)
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecUInt64::builder("seed")
                     .nick("Seed")
                     .blurb("Random seed of the sampler noise (with clip index: any clip re-renders alone)")
-                    .default_value(0)
+                    .default_value(e.seed)
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecString::builder("prompt")
                     .nick("Prompt")
                     .blurb("Text prompt for the T5 encoder (empty: no text; a change starts a new clip)")
-                    .default_value(Some(""))
+                    .default_value(Some(e.prompt.as_str()))
                     .mutable_playing()
                     .build(),
                 glib::ParamSpecUInt::builder("scale")
                     .nick("Scale")
-                    .blurb("Upscaling factor: 1, 2 or 4 (output size = input size × scale)")
+                    .blurb("Upscaling factor: 1, 2 or 4 (output size = input size × scale; 3 is refused when the element starts)")
                     .minimum(1)
                     .maximum(4)
-                    .default_value(DEFAULT_SCALE)
+                    .default_value(d.scale)
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecUInt::builder("tile-size")
                     .nick("Tile size")
-                    .blurb("Latent tile size for large frames (8 px per latent; official 128 = 1024 px)")
-                    .minimum(16)
+                    .blurb("Latent tile size for large frames (8 px per latent; DPIR: 128 = 1024 px); 0: the model's own. \
+                            A size the model's position table cannot take is refused when the element starts")
                     .maximum(1024)
-                    .default_value(128)
+                    .default_value(e.tile_size)
                     .mutable_ready()
                     .build(),
-                glib::ParamSpecUInt::builder("tile-overlap")
+                glib::ParamSpecInt::builder("tile-overlap")
                     .nick("Tile overlap")
-                    .blurb("Overlap of latent tiles (official 8 = 64 px), blended with Gaussian weights")
-                    .minimum(0)
+                    .blurb("Overlap of latent tiles, blended with Gaussian weights (DPIR: 8 = 64 px); -1: the model's own")
+                    .minimum(-1)
                     .maximum(512)
-                    .default_value(8)
+                    .default_value(e.tile_overlap)
                     .mutable_ready()
                     .build(),
-                glib::ParamSpecEnum::builder_with_default("color-fix", ColorFix::Wavelet)
+                glib::ParamSpecEnum::builder_with_default("color-fix", ColorFix::from(e.color_fix))
                     .nick("Colour fix")
                     .blurb("Colour correction of the output towards the input")
                     .mutable_ready()
                     .build(),
-                glib::ParamSpecEnum::builder_with_default("lq-latent", LqLatent::Sample)
+                glib::ParamSpecEnum::builder_with_default("lq-latent", LqLatent::from(e.lq_latent))
                     .nick("LQ latent")
                     .blurb("How the input's latent is drawn: sample (official) or mode (deterministic)")
                     .mutable_ready()
                     .build(),
-                glib::ParamSpecEnum::builder_with_default("tiling", Tiling::Reference)
+                glib::ParamSpecEnum::builder_with_default("tiling", Tiling::from(e.tiling))
                     .nick("Global prompt tiling")
                     .blurb("Tiling of the global visual prompt: reference (official, quirk included) or corrected")
                     .mutable_ready()
                     .build(),
-                glib::ParamSpecEnum::builder_with_default("noise", Noise::PerClip)
+                glib::ParamSpecEnum::builder_with_default("noise", Noise::from(e.noise))
                     .nick("Noise")
                     .blurb("Initial sampler noise: one field per clip (less flicker) or per frame")
                     .mutable_ready()
@@ -1000,7 +1034,7 @@ impl ObjectImpl for DpirRestore {
                 glib::ParamSpecBoolean::builder("low-memory")
                     .nick("Low memory")
                     .blurb("Free the T5 text encoder after each new prompt is embedded (reloaded on the next prompt change)")
-                    .default_value(false)
+                    .default_value(e.low_memory)
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecUInt::builder("max-inflight")
@@ -1008,13 +1042,13 @@ impl ObjectImpl for DpirRestore {
                     .blurb("Frames queued for the worker before the streaming thread blocks")
                     .minimum(1)
                     .maximum(64)
-                    .default_value(DEFAULT_MAX_INFLIGHT)
+                    .default_value(d.max_inflight)
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecBoolean::builder("qos")
                     .nick("QoS")
                     .blurb("Skip frames that are already late downstream (off: every frame is restored)")
-                    .default_value(false)
+                    .default_value(d.qos)
                     .mutable_playing()
                     .build(),
                 glib::ParamSpecDouble::builder("scene-threshold")
@@ -1022,19 +1056,19 @@ impl ObjectImpl for DpirRestore {
                     .blurb("Frame difference (0-1) above which a new clip starts and prompts are refreshed")
                     .minimum(0.0)
                     .maximum(1.0)
-                    .default_value(DEFAULT_SCENE_THRESHOLD)
+                    .default_value(d.scene_threshold)
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecUInt::builder("clip-max-frames")
                     .nick("Clip max frames")
                     .blurb("Start a new clip after this many frames (0: no limit)")
-                    .default_value(0)
+                    .default_value(d.clip_max_frames)
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecBoolean::builder("tags-as-prompt")
                     .nick("Tags as prompt")
                     .blurb("Use the stream's description or title tag as the prompt when `prompt` is empty")
-                    .default_value(false)
+                    .default_value(d.tags_as_prompt)
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecDouble::builder("warm-start")
@@ -1043,17 +1077,24 @@ impl ObjectImpl for DpirRestore {
                         "0: off. Else a strength in (0,1]: within a clip, start each frame's sampling from the previous \
                          output re-noised, running about strength x steps (faster, steadier on static shots; can \
                          ghost on motion). A clip's first frame always starts from noise. Needs 2 or more steps \
-                         (dpir-nano's default is 1: set steps too)",
+                         (a warning says so otherwise; dpir-nano's default is 1: set steps too)",
                     )
                     .minimum(0.0)
                     .maximum(1.0)
-                    .default_value(0.0)
+                    .default_value(e.warm_start)
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecUInt64::builder("first-clip-index")
                     .nick("First clip index")
                     .blurb("Index of the stream's first clip: render clip N alone (same seed) as it was in the whole film")
-                    .default_value(0)
+                    .default_value(d.first_clip_index)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecBoolean::builder("analyse-only")
+                    .nick("Analyse only")
+                    .blurb("Find the clips only: post the dpir-clip messages a restoring run would and pass frames through \
+                            unchanged, loading no model (a fast pre-pass, e.g. to split a film into chunks); scale does not apply")
+                    .default_value(d.analyse_only)
                     .mutable_ready()
                     .build(),
             ]
@@ -1063,64 +1104,81 @@ impl ObjectImpl for DpirRestore {
 
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
         let mut s = self.settings.lock().unwrap();
+        let e = &mut s.engine;
         match pspec.name() {
-            "model" => s.model = value.get::<Option<String>>().unwrap().filter(|m| !m.is_empty()),
-            "device" => s.device = value.get::<Option<String>>().unwrap().unwrap_or_else(|| "auto".into()),
-            "precision" => s.precision = value.get().unwrap(),
-            "steps" => s.steps = value.get().unwrap(),
-            "seed" => s.seed = value.get().unwrap(),
-            "prompt" => s.prompt = value.get::<Option<String>>().unwrap().unwrap_or_default(),
-            "scale" => {
-                let v: u32 = value.get().unwrap();
-                if v == 3 {
-                    gst::warning!(CAT, imp = self, "scale must be 1, 2 or 4; using 2");
-                    s.scale = 2;
-                } else {
-                    s.scale = v;
+            "model" => e.model = value.get::<Option<String>>().unwrap().filter(|m| !m.is_empty()).map(Into::into),
+            "device" => {
+                let v = value.get::<Option<String>>().unwrap().unwrap_or_default();
+                match v.parse::<DeviceSpec>() {
+                    Ok(d) => {
+                        e.device = d;
+                        s.device_error = None;
+                    }
+                    Err(err) => {
+                        // GObject setters cannot fail: the state change to PAUSED does, with this.
+                        gst::error!(CAT, imp = self, "device `{v}`: {err}");
+                        s.device_error = Some((v, err));
+                    }
                 }
             }
-            "tile-size" => s.tile_size = value.get().unwrap(),
-            "tile-overlap" => s.tile_overlap = value.get().unwrap(),
-            "color-fix" => s.color_fix = value.get().unwrap(),
-            "lq-latent" => s.lq_latent = value.get().unwrap(),
-            "tiling" => s.tiling = value.get().unwrap(),
-            "noise" => s.noise = value.get().unwrap(),
-            "low-memory" => s.low_memory = value.get().unwrap(),
+            "precision" => e.precision = value.get::<Precision>().unwrap().into(),
+            "steps" => e.steps = value.get().unwrap(),
+            "seed" => e.seed = value.get().unwrap(),
+            "prompt" => e.prompt = value.get::<Option<String>>().unwrap().unwrap_or_default(),
+            "scale" => {
+                s.scale = value.get().unwrap();
+                if s.scale == 3 {
+                    gst::warning!(CAT, imp = self, "scale=3 is not supported (1, 2 or 4): the element will not start");
+                }
+            }
+            "tile-size" => e.tile_size = value.get().unwrap(),
+            "tile-overlap" => e.tile_overlap = value.get().unwrap(),
+            "color-fix" => e.color_fix = value.get::<ColorFix>().unwrap().into(),
+            "lq-latent" => e.lq_latent = value.get::<LqLatent>().unwrap().into(),
+            "tiling" => e.tiling = value.get::<Tiling>().unwrap().into(),
+            "noise" => e.noise = value.get::<Noise>().unwrap().into(),
+            "low-memory" => e.low_memory = value.get().unwrap(),
+            "warm-start" => e.warm_start = value.get().unwrap(),
             "max-inflight" => s.max_inflight = value.get().unwrap(),
             "qos" => s.qos = value.get().unwrap(),
             "scene-threshold" => s.scene_threshold = value.get().unwrap(),
             "clip-max-frames" => s.clip_max_frames = value.get().unwrap(),
             "tags-as-prompt" => s.tags_as_prompt = value.get().unwrap(),
-            "warm-start" => s.warm_start = value.get().unwrap(),
             "first-clip-index" => s.first_clip_index = value.get().unwrap(),
+            "analyse-only" => s.analyse_only = value.get().unwrap(),
             other => unreachable!("unknown property {other}"),
         }
     }
 
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
         let s = self.settings.lock().unwrap();
+        let e = &s.engine;
         match pspec.name() {
-            "model" => s.model.to_value(),
-            "device" => s.device.to_value(),
-            "precision" => s.precision.to_value(),
-            "steps" => s.steps.to_value(),
-            "seed" => s.seed.to_value(),
-            "prompt" => s.prompt.to_value(),
+            "model" => e.model.as_ref().map(|p| p.display().to_string()).to_value(),
+            "device" => match &s.device_error {
+                Some((v, _)) => v.to_value(),
+                None => e.device.to_string().to_value(),
+            },
+            "precision" => Precision::from(e.precision).to_value(),
+            "steps" => e.steps.to_value(),
+            "seed" => e.seed.to_value(),
+            "prompt" => e.prompt.to_value(),
             "scale" => s.scale.to_value(),
-            "tile-size" => s.tile_size.to_value(),
-            "tile-overlap" => s.tile_overlap.to_value(),
-            "color-fix" => s.color_fix.to_value(),
-            "lq-latent" => s.lq_latent.to_value(),
-            "tiling" => s.tiling.to_value(),
-            "noise" => s.noise.to_value(),
-            "low-memory" => s.low_memory.to_value(),
+            "tile-size" => e.tile_size.to_value(),
+            "tile-overlap" => e.tile_overlap.to_value(),
+            "color-fix" => ColorFix::from(e.color_fix).to_value(),
+            "lq-latent" => LqLatent::from(e.lq_latent).to_value(),
+            "tiling" => Tiling::from(e.tiling).to_value(),
+            "noise" => Noise::from(e.noise).to_value(),
+            "low-memory" => e.low_memory.to_value(),
+            "warm-start" => e.warm_start.to_value(),
             "max-inflight" => s.max_inflight.to_value(),
             "qos" => s.qos.to_value(),
             "scene-threshold" => s.scene_threshold.to_value(),
             "clip-max-frames" => s.clip_max_frames.to_value(),
             "tags-as-prompt" => s.tags_as_prompt.to_value(),
-            "warm-start" => s.warm_start.to_value(),
             "first-clip-index" => s.first_clip_index.to_value(),
+            "analyse-only" => s.analyse_only.to_value(),
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -1162,9 +1220,19 @@ impl ElementImpl for DpirRestore {
     fn change_state(&self, transition: gst::StateChange) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
         gst::debug!(CAT, imp = self, "state change {transition:?}");
         if transition == gst::StateChange::ReadyToPaused {
+            let checked = self.settings.lock().unwrap().check();
+            if let Err(msg) = checked {
+                gst::element_imp_error!(self, gst::LibraryError::Settings, ("{msg}"));
+                return Err(gst::StateChangeError);
+            }
             self.reset_worker();
-            let need_load = self.worker.lock().unwrap().engine.is_none();
-            if need_load {
+            // Properties may have changed in READY: an engine built from other settings is rebuilt.
+            let wanted = self.settings.lock().unwrap().engine.clone();
+            let stale = {
+                let w = self.worker.lock().unwrap();
+                w.engine.is_none() || w.built_with.as_ref() != Some(&wanted)
+            };
+            if stale {
                 self.load_engine()?;
             }
         }
@@ -1173,8 +1241,10 @@ impl ElementImpl for DpirRestore {
             self.reset_worker();
         }
         if transition == gst::StateChange::ReadyToNull {
-            // Settings may change in NULL/READY: rebuild the engine next time.
-            self.worker.lock().unwrap().engine = None;
+            // Free the model when the element is shut down.
+            let mut w = self.worker.lock().unwrap();
+            w.engine = None;
+            w.built_with = None;
         }
         Ok(ret)
     }

@@ -24,7 +24,7 @@ use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
 
-use crate::engine::{EngineError, EngineSettings, RestoreEngine};
+use crate::engine::{self, EngineError, EngineSettings, RestoreEngine};
 
 mod imp;
 mod video;
@@ -45,12 +45,27 @@ impl DpirRestore {
     }
 }
 
+/// Converts a glib enum into the model's enum and back (the element stores the model's).
+macro_rules! convert {
+    ($glib:ident <=> $lib:path { $($a:ident <=> $b:ident),+ $(,)? }) => {
+        impl From<$glib> for $lib {
+            fn from(v: $glib) -> Self {
+                match v { $($glib::$a => <$lib>::$b),+ }
+            }
+        }
+        impl From<$lib> for $glib {
+            fn from(v: $lib) -> Self {
+                match v { $(<$lib>::$b => $glib::$a),+ }
+            }
+        }
+    };
+}
+
 /// Colour correction after decoding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, glib::Enum, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, glib::Enum)]
 #[repr(u32)]
 #[enum_type(name = "GstDpirColorFix")]
 pub enum ColorFix {
-    #[default]
     #[enum_value(name = "Wavelet: output high frequencies + input low frequencies (official)", nick = "wavelet")]
     Wavelet,
     #[enum_value(name = "AdaIN: match per-channel mean and std of the input", nick = "adain")]
@@ -58,49 +73,49 @@ pub enum ColorFix {
     #[enum_value(name = "None", nick = "none")]
     None,
 }
+convert!(ColorFix <=> engine::ColorFix { Wavelet <=> Wavelet, Adain <=> Adain, None <=> None });
 
 /// How the LQ latent is drawn from the VAE posterior.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, glib::Enum, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, glib::Enum)]
 #[repr(u32)]
 #[enum_type(name = "GstDpirLqLatent")]
 pub enum LqLatent {
-    #[default]
     #[enum_value(name = "Sample the posterior (official test script)", nick = "sample")]
     Sample,
     #[enum_value(name = "Posterior mode (deterministic)", nick = "mode")]
     Mode,
 }
+convert!(LqLatent <=> engine::LqLatent { Sample <=> Sample, Mode <=> Mode });
 
 /// Global-prompt tiling.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, glib::Enum, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, glib::Enum)]
 #[repr(u32)]
 #[enum_type(name = "GstDpirTiling")]
 pub enum Tiling {
-    #[default]
     #[enum_value(name = "Reference: the official tiling, negative-start quirk included", nick = "reference")]
     Reference,
     #[enum_value(name = "Corrected: every pixel covered; small frames give one tile", nick = "corrected")]
     Corrected,
 }
+convert!(Tiling <=> engine::TilingMode { Reference <=> Reference, Corrected <=> Corrected });
 
 /// Initial noise of the sampler.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, glib::Enum, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, glib::Enum)]
 #[repr(u32)]
 #[enum_type(name = "GstDpirNoise")]
 pub enum Noise {
-    #[default]
     #[enum_value(name = "One noise field per clip (less flicker)", nick = "per-clip")]
     PerClip,
     #[enum_value(name = "New noise every frame", nick = "per-frame")]
     PerFrame,
 }
+convert!(Noise <=> engine::NoiseMode { PerClip <=> PerClip, PerFrame <=> PerFrame });
 
 /// Numeric precision of the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, glib::Enum, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, glib::Enum)]
 #[repr(u32)]
 #[enum_type(name = "GstDpirPrecision")]
 pub enum Precision {
-    #[default]
     #[enum_value(name = "float32", nick = "f32")]
     F32,
     #[enum_value(name = "float16", nick = "f16")]
@@ -108,6 +123,7 @@ pub enum Precision {
     #[enum_value(name = "bfloat16 (GPU only)", nick = "bf16")]
     Bf16,
 }
+convert!(Precision <=> engine::Precision { F32 <=> F32, F16 <=> F16, Bf16 <=> Bf16 });
 
 pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     gst::Element::register(Some(plugin), "dpirrestore", gst::Rank::NONE, DpirRestore::static_type())

@@ -3,6 +3,16 @@
 
 use candle_core::{Result, Tensor};
 
+/// Which LQ latent the sampler is conditioned on (the `lq-latent` setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LqLatent {
+    /// A posterior sample (what the official test script does).
+    #[default]
+    Sample,
+    /// The posterior mean: deterministic.
+    Mode,
+}
+
 /// How the LQ image's latent is drawn from a VAE posterior.
 #[derive(Debug, Clone)]
 pub enum LatentDraw {

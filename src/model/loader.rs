@@ -66,9 +66,6 @@ pub struct Manifest {
     pub text_encoder: Option<TextSpec>,
     #[serde(default)]
     pub sampler: SamplerSpec,
-    /// `wavelet`, `adain` or `none`: the model's recommended colour fix.
-    #[serde(default)]
-    pub color_fix: Option<String>,
     #[serde(default)]
     pub prompt: PromptSpec,
     /// Relative path → expected sha256 (hex) of files to verify.
@@ -109,12 +106,18 @@ fn default_max_length() -> usize {
 pub struct SamplerSpec {
     pub shift: f64,
     pub num_train_timesteps: usize,
+    /// Steps when the element's `steps` is 0 (DPIR: 28).
     pub default_steps: Option<u32>,
+    /// Latent tile and overlap when the element's `tile-size` / `tile-overlap` are left at
+    /// their defaults (DPIR: 128 and 8, i.e. 1024 px and 64 px; a model trained on small crops
+    /// names its crop here).
+    pub tile_size: Option<usize>,
+    pub tile_overlap: Option<usize>,
 }
 
 impl Default for SamplerSpec {
     fn default() -> Self {
-        Self { shift: 3.0, num_train_timesteps: 1000, default_steps: None }
+        Self { shift: 3.0, num_train_timesteps: 1000, default_steps: None, tile_size: None, tile_overlap: None }
     }
 }
 
@@ -282,6 +285,12 @@ impl ModelFiles {
             .map_err(|e| LoadError::Invalid(format!("{}: not valid JSON: {e}", self.source.path(rel))))
     }
 
+    /// A component's config.json, parsed as `T` (errors name the file).
+    pub fn config<T: serde::de::DeserializeOwned>(&self, rel: &str) -> Result<T> {
+        serde_json::from_value(self.config_json(rel)?)
+            .map_err(|e| LoadError::Invalid(format!("{}: {e}", self.source.path(rel))))
+    }
+
     /// Refuse pickles, truncated files and non-float tensors; verify sha256 when given.
     fn check_weights(&self, rel: &str) -> Result<()> {
         let path = self.source.path(rel);
@@ -332,11 +341,6 @@ impl ModelFiles {
                 Ok(VarBuilder::from_tensors(all, dtype, device))
             }
         }
-    }
-
-    /// Text of a tokenizer file.
-    pub fn bytes(&self, rel: &str) -> Result<Cow<'static, [u8]>> {
-        self.source.read(rel)
     }
 
     pub fn path(&self, rel: &str) -> String {

@@ -60,6 +60,16 @@ pub struct RestoreOutput {
     pub final_latents: Tensor,
     /// Decoded image, NCHW, about [-1, 1].
     pub decoded: Tensor,
+    /// Where the time went.
+    pub times: StageTimes,
+}
+
+/// Wall time of each stage of [`DpirPipeline::restore`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StageTimes {
+    pub encode: std::time::Duration,
+    pub sample: std::time::Duration,
+    pub decode: std::time::Duration,
 }
 
 /// The DPIR sampler around a transformer and an autoencoder.
@@ -108,16 +118,9 @@ impl<'a> DpirPipeline<'a> {
         self.denoise_from(z_lq, initial_latents, prompt_embeds, pooled, opts, 0, on_step)
     }
 
-    /// σ at which step `start_step` of an `steps`-step schedule begins (1 for step 0).
-    pub fn start_sigma(&self, steps: usize, start_step: usize) -> f32 {
-        let mut sched = FlowMatchEulerScheduler::new(self.scheduler.clone());
-        sched.set_timesteps(steps);
-        sched.sigmas()[start_step.min(steps)]
-    }
-
     /// [`Self::denoise`] skipping the first `start_step` steps: `initial_latents` must be at the
-    /// σ of that step (see [`Self::start_sigma`]), e.g. a previous result re-noised (warm start,
-    /// SDEdit-style). `start_step = 0` is plain sampling.
+    /// σ of that step (a previous result re-noised by the scheduler, see [`Start::Warm`]).
+    /// `start_step = 0` is plain sampling.
     #[allow(clippy::too_many_arguments)]
     pub fn denoise_from(
         &self,
@@ -216,25 +219,53 @@ impl<'a> DpirPipeline<'a> {
         self.autoencoder.decode_latent(latents)?.to_dtype(DType::F32)
     }
 
-    /// The whole one-image pipeline: encode the LQ, sample, decode.
+    /// The whole one-image pipeline: encode the LQ, sample from `start`, decode. This is what
+    /// the element runs for every frame (through the engine) and what the `pipeline_e2e` parity
+    /// case checks.
     #[allow(clippy::too_many_arguments)]
     pub fn restore(
         &self,
         lq: &Tensor,
         prompt_embeds: &Tensor,
         pooled: &Tensor,
-        initial_latents: &Tensor,
+        start: Start,
         draw: &LatentDraw,
         opts: &SamplerOptions,
         on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
     ) -> Result<RestoreOutput> {
         let (_, _, h, w) = lq.dims4()?;
         self.latent_shape(w, h)?;
+        let t = std::time::Instant::now();
         let z_lq = self.encode_lq(lq, draw)?;
-        let final_latents = self.denoise(&z_lq, initial_latents, prompt_embeds, pooled, opts, on_step)?;
+        let encode = t.elapsed();
+        let t = std::time::Instant::now();
+        let (init, first) = match start {
+            Start::Noise(n) => (n.clone(), 0),
+            Start::Warm { step: 0, noise, .. } => (noise.clone(), 0),
+            Start::Warm { previous, noise, step } => {
+                let mut sched = FlowMatchEulerScheduler::new(self.scheduler.clone());
+                sched.set_timesteps(opts.steps);
+                (sched.scale_noise(previous, step, noise)?, step)
+            }
+        };
+        let final_latents = self.denoise_from(&z_lq, &init, prompt_embeds, pooled, opts, first, on_step)?;
+        let sample = t.elapsed();
+        let t = std::time::Instant::now();
         let decoded = self.decode(&final_latents)?;
-        Ok(RestoreOutput { z_lq, final_latents, decoded })
+        let times = StageTimes { encode, sample, decode: t.elapsed() };
+        Ok(RestoreOutput { z_lq, final_latents, decoded, times })
     }
+}
+
+/// Where sampling starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Start<'a> {
+    /// Noise at σ = 1: all steps run.
+    Noise(&'a Tensor),
+    /// Warm start (SDEdit-style): `previous` (final latents of an earlier frame) re-noised with
+    /// `noise` to the σ of `step` by the scheduler, then only steps `step..` run; `step` 0 is
+    /// plain sampling from `noise`.
+    Warm { previous: &'a Tensor, noise: &'a Tensor, step: usize },
 }
 
 /// diffusers `VaeImageProcessor.postprocess(output_type="pil")` for one image: NCHW [-1, 1] →

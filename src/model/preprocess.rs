@@ -76,14 +76,9 @@ fn bicubic(x: f64) -> f64 {
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
-/// Per output sample: first input index and the fixed-point weights (Pillow's
-/// `precompute_coeffs` + `normalize_coeffs_8bpc`, box = whole image).
-struct Coeffs {
-    start: Vec<usize>,
-    weights: Vec<Vec<i32>>,
-}
-
-fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
+/// Per output sample: first input index and its filter weights (Pillow's `precompute_coeffs`,
+/// box = whole image), normalised to sum 1.
+fn float_coeffs(in_size: usize, out_size: usize) -> (Vec<usize>, Vec<Vec<f64>>) {
     // Pillow computes `(double)(in1 - in0) / outSize` with float box edges: exact for sizes here.
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
@@ -104,16 +99,31 @@ fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
                 *v /= ww;
             }
         }
-        let q = k
-            .iter()
-            .map(|&v| {
-                let s = v * (1u32 << PRECISION_BITS) as f64;
-                (if v < 0.0 { -0.5 + s } else { 0.5 + s }) as i32
-            })
-            .collect();
         start.push(xmin);
-        weights.push(q);
+        weights.push(k);
     }
+    (start, weights)
+}
+
+/// The same weights quantised to Pillow's 8-bit fixed point (`normalize_coeffs_8bpc`).
+struct Coeffs {
+    start: Vec<usize>,
+    weights: Vec<Vec<i32>>,
+}
+
+fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
+    let (start, fw) = float_coeffs(in_size, out_size);
+    let weights = fw
+        .iter()
+        .map(|k| {
+            k.iter()
+                .map(|&v| {
+                    let s = v * (1u32 << PRECISION_BITS) as f64;
+                    (if v < 0.0 { -0.5 + s } else { 0.5 + s }) as i32
+                })
+                .collect()
+        })
+        .collect();
     Coeffs { start, weights }
 }
 
@@ -175,6 +185,59 @@ pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> Result<RgbI
         }
     }
     RgbImage::new(out_w, out_h, out)
+}
+
+/// Pillow's bicubic filter on float RGB (`[h·w·3]`, values in [0, 1]) with no 8-bit rounding:
+/// the same separable filter and weights as [`resize_bicubic`], accumulated in f32 and clamped
+/// to [0, 1] after each pass as Pillow clamps to [0, 255]. For 10- and 16-bit frames, whose
+/// precision an 8-bit resize would throw away; on 8-bit input it agrees with
+/// [`resize_bicubic`] to within one level.
+pub fn resize_bicubic_f32(data: &[f32], w: usize, h: usize, out_w: usize, out_h: usize) -> Result<Vec<f32>> {
+    ensure!(w > 0 && h > 0 && out_w > 0 && out_h > 0, "resize: empty image");
+    ensure!(data.len() == w * h * 3, "resize: {} values for {w}x{h} RGB", data.len());
+    let tmp = if out_w != w {
+        let (start, k) = float_coeffs(w, out_w);
+        let k: Vec<Vec<f32>> = k.iter().map(|k| k.iter().map(|&v| v as f32).collect()).collect();
+        let mut out = vec![0f32; h * out_w * 3];
+        for y in 0..h {
+            let row = &data[y * w * 3..(y + 1) * w * 3];
+            for xx in 0..out_w {
+                let s = start[xx];
+                let mut acc = [0f32; 3];
+                for (i, &kv) in k[xx].iter().enumerate() {
+                    let p = &row[(s + i) * 3..(s + i) * 3 + 3];
+                    for ch in 0..3 {
+                        acc[ch] += p[ch] * kv;
+                    }
+                }
+                let o = (y * out_w + xx) * 3;
+                for ch in 0..3 {
+                    out[o + ch] = acc[ch].clamp(0.0, 1.0);
+                }
+            }
+        }
+        out
+    } else {
+        data.to_vec()
+    };
+    if out_h == h {
+        return Ok(tmp);
+    }
+    let (start, k) = float_coeffs(h, out_h);
+    let stride = out_w * 3;
+    let mut out = vec![0f32; out_h * stride];
+    for yy in 0..out_h {
+        let o = &mut out[yy * stride..(yy + 1) * stride];
+        for (i, &kv) in k[yy].iter().enumerate() {
+            let kv = kv as f32;
+            let row = &tmp[(start[yy] + i) * stride..(start[yy] + i + 1) * stride];
+            for (a, &p) in o.iter_mut().zip(row) {
+                *a += p * kv;
+            }
+        }
+        o.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
+    }
+    Ok(out)
 }
 
 /// The settings of the default `CLIPImageProcessor` (every DPIR processor uses the defaults).
@@ -301,6 +364,27 @@ mod tests {
             let r = resize_bicubic(&lcg_image(w, h, seed), ow, oh).unwrap();
             assert_eq!(fnv1a(&r.data), want, "{w}x{h} -> {ow}x{oh}");
         }
+    }
+
+    /// On 8-bit values the float resize is the 8-bit one without its two roundings (half a level
+    /// each; the second pass's weights sum to about 1.1 in absolute value): within 1.5 levels
+    /// everywhere, and it keeps sub-level detail the 8-bit one cannot.
+    #[test]
+    fn float_resize_agrees_with_pillow_on_8_bit_input_and_keeps_finer_steps() {
+        for (w, h, ow, oh, seed) in [(61, 47, 122, 94, 3u64), (100, 80, 400, 320, 4), (333, 250, 298, 224, 5)] {
+            let img = lcg_image(w, h, seed);
+            let f: Vec<f32> = img.data.iter().map(|&v| v as f32 / 255.0).collect();
+            let r8 = resize_bicubic(&img, ow, oh).unwrap();
+            let rf = resize_bicubic_f32(&f, w, h, ow, oh).unwrap();
+            let worst = r8.data.iter().zip(&rf).map(|(&a, &b)| (a as f32 - b * 255.0).abs()).fold(0f32, f32::max);
+            assert!(worst <= 1.5, "{w}x{h} -> {ow}x{oh}: {worst} levels apart");
+        }
+        // A ramp a tenth of a level high survives the float resize and vanishes in the 8-bit one.
+        let (w, h) = (64, 8);
+        let ramp: Vec<f32> = (0..w * h * 3).map(|i| 0.5 + ((i / 3) % w) as f32 / w as f32 * 0.1 / 255.0).collect();
+        let up = resize_bicubic_f32(&ramp, w, h, 2 * w, 2 * h).unwrap();
+        let row: Vec<f32> = up[..2 * w * 3].chunks(3).map(|p| p[0]).collect();
+        assert!(row[2 * w - 1] - row[0] > 0.08 / 255.0, "the ramp is kept: {:?}", (row[0], row[2 * w - 1]));
     }
 
     #[test]

@@ -266,7 +266,7 @@ pub struct DualPromptEncoder {
 
 impl DualPromptEncoder {
     /// The official call for one image and prompt: local patch = `patch`, global = `global`.
-    pub fn encode(&self, global: &RgbImage, patch: &RgbImage, prompt: &str) -> Result<PromptEmbeds> {
+    pub fn encode(&mut self, global: &RgbImage, patch: &RgbImage, prompt: &str) -> Result<PromptEmbeds> {
         let text = self.text.embed(prompt)?;
         let g = self.image.global_prompt(global)?;
         let l = self.image.local_prompt(patch)?;
@@ -274,7 +274,7 @@ impl DualPromptEncoder {
     }
 
     /// As DPIR's test script (and `pipeline_e2e`): local patch = global image = the LQ frame.
-    pub fn encode_lq(&self, lq: &RgbImage, prompt: &str) -> Result<PromptEmbeds> {
+    pub fn encode_lq(&mut self, lq: &RgbImage, prompt: &str) -> Result<PromptEmbeds> {
         self.encode(lq, lq, prompt)
     }
 }
@@ -282,7 +282,6 @@ impl DualPromptEncoder {
 const _: () = {
     const fn send_sync<T: Send + Sync>() {}
     send_sync::<ImagePromptEncoder>();
-    send_sync::<DualPromptEncoder>();
     send_sync::<LocalPrompt>();
     send_sync::<GlobalPrompt>();
     send_sync::<PromptEmbeds>();

@@ -118,6 +118,19 @@ impl FlowMatchEulerScheduler {
     }
 }
 
+impl FlowMatchEulerScheduler {
+    /// diffusers' `scale_noise`: bring a sample to the σ of step `step_index` by mixing in
+    /// noise, `σ·noise + (1 − σ)·sample`, in f32 (a warm start re-noises the previous result
+    /// this way before sampling resumes at that step).
+    pub fn scale_noise(&self, sample: &Tensor, step_index: usize, noise: &Tensor) -> Result<Tensor> {
+        let Some(&sigma) = self.sigmas.get(step_index) else {
+            candle_core::bail!("step index {step_index} out of range ({} steps)", self.num_steps());
+        };
+        let s = sigma as f64;
+        (noise.to_dtype(DType::F32)? * s)? + (sample.to_dtype(DType::F32)? * (1.0 - s))?
+    }
+}
+
 impl Default for FlowMatchEulerScheduler {
     fn default() -> Self {
         Self::new(FlowMatchEulerConfig::default())
@@ -150,6 +163,24 @@ mod tests {
         assert_eq!(s.sigmas()[28], 0.0);
         s.set_timesteps(1);
         assert_eq!((s.timesteps(), s.sigmas()), (&[1000.0f32][..], &[1.0f32, 0.0][..]));
+    }
+
+    #[test]
+    fn scale_noise_mixes_by_the_step_sigma() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let mut s = FlowMatchEulerScheduler::default();
+        s.set_timesteps(4);
+        let x = Tensor::new(&[2.0f32, -1.0], &dev)?;
+        let n = Tensor::new(&[0.5f32, 0.25], &dev)?;
+        // Step 0 is pure noise; step 2 is σ = 0.6022 (SD3 schedule, 4 steps).
+        assert_eq!(s.scale_noise(&x, 0, &n)?.to_vec1::<f32>()?, vec![0.5, 0.25]);
+        let sig = s.sigmas()[2];
+        assert!((sig - 0.602_150_5).abs() < 1e-5, "{sig}");
+        let got = s.scale_noise(&x, 2, &n)?.to_vec1::<f32>()?;
+        let want = [sig * 0.5 + (1.0 - sig) * 2.0, sig * 0.25 - (1.0 - sig)];
+        assert!(got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{got:?} vs {want:?}");
+        assert!(s.scale_noise(&x, 5, &n).is_err());
+        Ok(())
     }
 
     #[test]

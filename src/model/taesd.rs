@@ -11,7 +11,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
 use super::autoencoder::{Autoencoder, LatentDraw};
-use super::vae::{TileConfig, tiled_decode, tiled_encode};
+use super::tiling::{TileConfig, tiled_decode, tiled_encode};
 
 /// Shape of a TAESD-family model (the defaults are TAESD3's; diffusers `AutoencoderTiny`
 /// config names, unknown keys ignored).
@@ -262,19 +262,15 @@ mod tests {
     /// with a 20-latent halo tiled equals untiled up to float rounding: real TAESD3 weights,
     /// the `taesd3` fixture (32×24 latent, 16-latent cores, overlap 4), bound
     /// [`TILED_TAESD_TOL`].
-    /// Skipped (passes with a note) when the shared weights are absent.
+    /// The weights and the fixture must be there (`DPIR_WEIGHTS`, `DPIR_FIXTURES`): no skip.
     #[test]
     fn tiled_decode_close_to_untiled() -> Result<()> {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
+        let weights = crate::model::test_data("DPIR_WEIGHTS");
         let (enc, dec, io) = (
-            root.join("weights/taesd3/taesd3_encoder.safetensors"),
-            root.join("weights/taesd3/taesd3_decoder.safetensors"),
-            root.join("fixtures/taesd3/io.safetensors"),
+            weights.join("taesd3/taesd3_encoder.safetensors"),
+            weights.join("taesd3/taesd3_decoder.safetensors"),
+            crate::model::test_data("DPIR_FIXTURES").join("taesd3/io.safetensors"),
         );
-        if !(enc.exists() && dec.exists() && io.exists()) {
-            eprintln!("TAESD3 weights/fixture not found under {}; skipped", root.display());
-            return Ok(());
-        }
         let dev = Device::Cpu;
         let vbe = unsafe { VarBuilder::from_mmaped_safetensors(&[enc], DType::F32, &dev)? };
         let vbd = unsafe { VarBuilder::from_mmaped_safetensors(&[dec], DType::F32, &dev)? };

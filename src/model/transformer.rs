@@ -389,6 +389,14 @@ const _: () = {
 /// Timestep sinusoid channel count (diffusers `Timesteps(256, ...)` in SD3).
 const TIME_PROJ_DIM: usize = 256;
 
+/// The sinusoid's frequencies as torch computes them: `exp(f32(-ln 10000) · arange(half) / half)`
+/// in f32.
+fn timestep_freqs() -> Vec<f32> {
+    let half = TIME_PROJ_DIM / 2;
+    let neg_ln = -(10000f64.ln()) as f32;
+    (0..half).map(|i| ((neg_ln * i as f32) / half as f32).exp()).collect()
+}
+
 impl DpirTransformer {
     pub fn new(cfg: &DpirTransformerConfig, vb: VarBuilder) -> Result<Self> {
         let inner = cfg.inner_dim();
@@ -423,10 +431,7 @@ impl DpirTransformer {
         if control.out_channels() != inner {
             candle_core::bail!("control_conv output width {} != inner dim {inner}", control.out_channels());
         }
-        let half = TIME_PROJ_DIM / 2;
-        // As torch: exponent = f32(-ln 10000) * arange(half) / half, exp in f32.
-        let neg_ln = -(10000f64.ln()) as f32;
-        let freqs = (0..half).map(|i| ((neg_ln * i as f32) / half as f32).exp()).collect();
+        let freqs = timestep_freqs();
         Ok(Self {
             cfg: cfg.clone(),
             patch_proj,
@@ -655,12 +660,15 @@ mod tests {
         assert_eq!(c.inner_dim(), 1536);
     }
 
+    /// The sinusoid frequencies bit for bit against torch 2.4's `get_timestep_embedding`
+    /// (`exp(-ln(10000) * arange(0, 128, dtype=float32) / 128)`), as f32 bit patterns.
     #[test]
-    fn timestep_frequencies_follow_diffusers() {
-        // exponent = -ln(1e4)·i/128: first 1, last 10000^(-127/128).
-        let neg_ln = -(10000f64.ln()) as f32;
-        let f: Vec<f32> = (0..128).map(|i| ((neg_ln * i as f32) / 128.0).exp()).collect();
-        assert_eq!(f[0], 1.0);
-        assert!((f[127] as f64 - 10000f64.powf(-127.0 / 128.0)).abs() < 1e-9);
+    fn timestep_frequencies_are_torch_s_bit_for_bit() {
+        let f = timestep_freqs();
+        assert_eq!(f.len(), 128);
+        let torch = [(0, 1065353216u32), (1, 1064188408), (2, 1063104470), (64, 1008981770), (127, 954293390)];
+        for (i, bits) in torch {
+            assert_eq!(f[i].to_bits(), bits, "frequency {i}: {} vs torch {}", f[i], f32::from_bits(bits));
+        }
     }
 }

@@ -17,20 +17,24 @@ pub fn init() {
     });
 }
 
-pub fn shared_dir(var: &str, sub: &str) -> PathBuf {
-    std::env::var_os(var)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared").join(sub))
+/// A shared data folder named by `var` (`tests/run` points `DPIR_MEDIA` and `DPIR_FIXTURES` at
+/// `../shared`): unset or missing fails the test, never skips it.
+pub fn shared_dir(var: &str) -> PathBuf {
+    let p = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        panic!("{var} is not set: run the tests with `bash tests/run`, which points it at ../shared")
+    });
+    assert!(p.is_dir(), "{var}={} is not a directory", p.display());
+    p
 }
 
 pub fn media(name: &str) -> PathBuf {
-    let p = shared_dir("DPIR_MEDIA", "media").join(name);
+    let p = shared_dir("DPIR_MEDIA").join(name);
     assert!(p.exists(), "missing real media {}", p.display());
     p
 }
 
 pub fn fixtures() -> PathBuf {
-    shared_dir("DPIR_FIXTURES", "fixtures")
+    shared_dir("DPIR_FIXTURES")
 }
 
 /// Run a pipeline to EOS. Returns the error text if it ended with an ERROR message.

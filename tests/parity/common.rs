@@ -121,10 +121,11 @@ impl Case {
     }
 }
 
-pub fn fixtures_dir() -> PathBuf {
+/// `$DPIR_FIXTURES` (`tests/run` sets it to `../shared/fixtures`); unset is an error.
+pub fn fixtures_dir() -> Result<PathBuf, String> {
     std::env::var_os("DPIR_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"))
+        .ok_or_else(|| "DPIR_FIXTURES is not set: run `bash tests/run` (it points it at ../shared/fixtures)".into())
 }
 
 /// Max |a - b| and the number of differing values, both as f64.
@@ -163,19 +164,32 @@ pub fn check(case: &str, p: &Produced, expected: &Tensor) -> Result<String> {
 
 type CaseResult = Result<HashMap<String, Produced>, String>;
 
-pub fn main(runners: &'static [(&'static str, Runner)]) {
+/// Every case folder becomes trials; every case in `expected` must be there (a missing one is a
+/// failing `<case>::present` trial), so coverage cannot shrink unseen.
+pub fn main(runners: &'static [(&'static str, Runner)], expected: &'static [&'static str]) {
     let args = Arguments::from_args();
-    let root = fixtures_dir();
     let mut trials = Vec::new();
-    let mut dirs: Vec<PathBuf> = match std::fs::read_dir(&root) {
-        Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect(),
-        Err(e) => {
-            let msg = format!("cannot read fixtures at {} ({e}); set DPIR_FIXTURES", root.display());
+    let mut dirs: Vec<PathBuf> = match fixtures_dir() {
+        Err(msg) => {
             trials.push(Trial::test("fixtures_present", move || Err(Failed::from(msg))));
             Vec::new()
         }
+        Ok(root) => match std::fs::read_dir(&root) {
+            Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect(),
+            Err(e) => {
+                let msg = format!("cannot read fixtures at {} ({e}); set DPIR_FIXTURES", root.display());
+                trials.push(Trial::test("fixtures_present", move || Err(Failed::from(msg))));
+                Vec::new()
+            }
+        },
     };
     dirs.sort();
+    for &case in expected {
+        if !dirs.iter().any(|d| d.file_name().is_some_and(|n| n == case)) {
+            let msg = format!("fixture case `{case}` is missing from DPIR_FIXTURES (tests/parity.rs lists it)");
+            trials.push(Trial::test(format!("{case}::present"), move || Err(Failed::from(msg))));
+        }
+    }
     for dir in dirs {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         let runner = runners

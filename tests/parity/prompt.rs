@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use gstdpir::model::clip::{ClipVisionConfig, ClipVisionModel};
 use gstdpir::model::preprocess::RgbImage;
 use gstdpir::model::prompt::{DualPromptEncoder, ImagePromptEncoder, PromptConfig, TilingMode, assemble};
-use gstdpir::model::t5::{T5Config, T5EncoderModel, T5Tokenizer, TextEncoder};
+use gstdpir::model::t5::{T5EncoderModel, T5Tokenizer, TextEncoder, t5_config};
 
 use crate::common::{Case, FLOAT, Produced, T5_FLOAT, Tol, produced};
 
@@ -32,10 +32,11 @@ pub fn run(case: &Case) -> Result<Vec<Produced>> {
     let prompt = case.cfg("/prompt")?.as_str().unwrap_or_default().to_string();
     crate::t5::check_tokenizer(case, std::slice::from_ref(&prompt), "t5_input_ids")?;
     let rel = case.cfg("/tokenizer_files/tokenizer_json")?.as_str().unwrap_or_default();
-    let t5cfg = T5Config::from_json(case.library_config("text_encoder_three")?)?;
-    let text = TextEncoder::new(
-        T5EncoderModel::new(&t5cfg, case.var_builder("text_encoder_three")?)?,
+    let t5cfg = t5_config(case.library_config("text_encoder_three")?)?;
+    let mut text = TextEncoder::new(
+        T5EncoderModel::load(case.var_builder("text_encoder_three")?, &t5cfg)?,
         T5Tokenizer::from_file(case.dir.join(rel), t5_len)?,
+        Device::Cpu,
     );
 
     let lq_case = !case.io.contains_key("global_image_uint8");
@@ -55,7 +56,7 @@ pub fn run(case: &Case) -> Result<Vec<Produced>> {
     let mut pe = assemble(&l, &g, &t5, image.config.clip_tokens)?;
     if lq_case {
         // The one-call path the pipeline uses (local patch = global image = LQ).
-        let dual = DualPromptEncoder { image, text };
+        let mut dual = DualPromptEncoder { image, text };
         pe = dual.encode_lq(&patch, &prompt)?;
     }
     let n_tiles = case.io("tile_boxes_raw")?.dim(0)?;
