@@ -82,6 +82,8 @@ pub struct FrameTrace {
     /// Conditioning `[1, tokens, d]` and pooled vector `[1, d_pooled]`.
     pub prompt_embeds: Tensor,
     pub pooled: Tensor,
+    /// The LQ frame as the VAE and the colour fix see it: NCHW in [0, 1], at the padded size.
+    pub lq: Tensor,
     /// LQ latent, final latents (model space) and the decoded image (NCHW, about [-1, 1]), all at
     /// the padded size.
     pub z_lq: Tensor,
@@ -353,6 +355,7 @@ impl DpirEngine {
         let trace = FrameTrace {
             prompt_embeds: embeds.prompt_embeds,
             pooled: embeds.pooled,
+            lq,
             z_lq: out.z_lq,
             final_latents: out.final_latents,
             decoded: out.decoded,

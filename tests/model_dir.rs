@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use common::*;
+use gst::prelude::*;
 use gstdpir::engine::{
     ClipReason, ColorFix, DeviceSpec, EngineSettings, FrameContext, LqLatent, NoiseMode, RestoreEngine, StreamInfo,
     TilingMode,
@@ -390,4 +391,134 @@ fn embedded_dpir_nano_restores_real_footage_with_no_model_property() {
     assert!(!outs.is_empty());
     let s = outs[0].1.structure(0).unwrap().to_owned();
     assert_eq!((s.get::<i32>("width").unwrap(), s.get::<i32>("height").unwrap()), (128, 96));
+}
+
+/// One RGBA64_LE frame through `dpirrestore {props}` (appsrc → element → appsink): the output's
+/// 16-bit RGB values, row-major.
+fn restore_rgba64(props: &str, w: usize, h: usize, rgb: &dyn Fn(usize, usize) -> f64) -> Vec<[u16; 3]> {
+    init();
+    let info = gst_video::VideoInfo::builder(gst_video::VideoFormat::Rgba64Le, w as u32, h as u32).build().unwrap();
+    let p = launch(&format!(
+        "appsrc name=src caps=\"{}\" ! dpirrestore {props} ! appsink name=sink",
+        info.to_caps().unwrap()
+    ));
+    let src = p.by_name("src").unwrap().downcast::<gst_app::AppSrc>().unwrap();
+    let sink = p.by_name("sink").unwrap().downcast::<gst_app::AppSink>().unwrap();
+    let mut raw = Vec::with_capacity(w * h * 8);
+    for y in 0..h {
+        for x in 0..w {
+            let v = (rgb(x, y) * 65535.0).round() as u16;
+            for c in [v, v, v, 65535] {
+                raw.extend_from_slice(&c.to_le_bytes());
+            }
+        }
+    }
+    p.set_state(gst::State::Playing).unwrap();
+    src.push_buffer(gst::Buffer::from_mut_slice(raw)).unwrap();
+    src.end_of_stream().unwrap();
+    let sample = sink.pull_sample().expect("a restored frame");
+    let map = sample.buffer().unwrap().map_readable().unwrap().to_vec();
+    p.set_state(gst::State::Null).unwrap();
+    map.chunks_exact(8).map(|p| [0, 1, 2].map(|c| u16::from_le_bytes([p[2 * c], p[2 * c + 1]]))).collect()
+}
+
+/// Deep colour end to end, with the embedded model: a horizontal ramp rising by 0.8 of one 8-bit
+/// level across a 16-bit frame and the same ramp rounded to 8-bit values give different outputs
+/// through the element (before, frames were rounded to 8 bits and both gave the same); the
+/// frame reaches the model unrounded (the engine's LQ tensor equals the 16-bit input to f32
+/// precision); and the element's 16-bit output is the engine's float result to within one
+/// 16-bit unit, not 8-bit values.
+#[test]
+fn a_16_bit_ramp_finer_than_one_8_bit_level_survives_the_element() {
+    let (w, h) = (128usize, 64usize);
+    let rise = 0.8 / 255.0;
+    let ramp = |x: usize, _y: usize| 0.5 + rise * x as f64 / (w - 1) as f64;
+    let rounded = |x: usize, y: usize| (ramp(x, y) * 255.0).round() / 255.0;
+    let a = restore_rgba64("lq-latent=mode", w, h, &ramp);
+    let b = restore_rgba64("lq-latent=mode", w, h, &rounded);
+    assert_ne!(a, b, "the 16-bit ramp and its 8-bit rounding give the same output");
+
+    // The same frame through the engine: what the model sees, and its float result.
+    let settings = EngineSettings { device: DeviceSpec::Cpu, lq_latent: LqLatent::Mode, ..Default::default() };
+    let mut engine = DpirEngine::load(&settings).unwrap();
+    engine.configure(&StreamInfo { in_width: w, in_height: h, scale: 1, fps: None, depth: 16 }).unwrap();
+    let mut frame = gstdpir::engine::Image::new(w, h);
+    for y in 0..h {
+        for x in 0..w {
+            let v = ((ramp(x, y) * 65535.0).round() / 65535.0) as f32;
+            frame.data[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&[v; 3]);
+        }
+    }
+    let ctx = FrameContext {
+        index: 0,
+        clip_index: 0,
+        new_clip: Some(ClipReason::Start),
+        prompt: String::new(),
+        cancel: Default::default(),
+    };
+    let (out, trace) = engine.restore_traced(&frame, &ctx, None).unwrap();
+    let lq = trace.lq.squeeze(0).unwrap().permute((1, 2, 0)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let lq_err = lq.iter().zip(&frame.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(lq_err < 1e-6, "the model sees the 16-bit input to within {lq_err} (one 8-bit level is 3.9e-3)");
+    let mut worst = 0f64;
+    let mut eight_bit_like = 0;
+    for (i, px) in a.iter().enumerate() {
+        for c in 0..3 {
+            worst = worst.max((out.data[i * 3 + c] as f64 * 65535.0 - px[c] as f64).abs());
+            eight_bit_like += (px[c] % 257 == 0) as usize;
+        }
+    }
+    let n = a.len() * 3;
+    eprintln!("16-bit output vs engine float: max {worst:.2} units; {eight_bit_like} of {n} values are 8-bit levels");
+    assert!(worst < 0.51, "the element's 16-bit output is {worst} units from the engine's float result");
+    assert!(eight_bit_like < n / 50, "{eight_bit_like} of {n} output values are 8-bit levels: rounded on the way");
+}
+
+/// A fixture model whose VAE decoder output is scaled by 1e5: its activations overflow f16
+/// (±65504) but not f32.
+fn overflowing_model_dir() -> std::path::PathBuf {
+    let d = fixture_model_dir("f16-overflow", false);
+    let f = d.join("vae/diffusion_pytorch_model.safetensors");
+    let mut ts = candle_core::safetensors::load(&f, &candle_core::Device::Cpu).unwrap();
+    for name in ["decoder.conv_out.weight", "decoder.conv_out.bias"] {
+        let t = (&ts[name] * 1e5).unwrap();
+        ts.insert(name.to_string(), t);
+    }
+    candle_core::safetensors::save(&ts, &f).unwrap();
+    d
+}
+
+/// precision=f16 on a model that overflows it: the element warns on the bus (an application
+/// sees it), redoes the frame in f32 and goes on; every frame equals an f32 run's.
+#[test]
+fn an_f16_overflow_falls_back_to_f32_with_a_warning_and_loses_no_frame() {
+    let d = overflowing_model_dir();
+    let run = |precision: &str| {
+        let p = launch(&format!(
+            "videotestsrc num-buffers=3 pattern=smpte ! video/x-raw,format=RGB,width=64,height=48 ! \
+             dpirrestore model=\"{}\" device=cpu precision={precision} steps=1 lq-latent=mode ! identity name=o ! fakesink",
+            d.display()
+        ));
+        let frames = capture(&p, "o", 10);
+        let warnings = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let w2 = warnings.clone();
+        p.bus().unwrap().set_sync_handler(move |_, msg| {
+            if let gst::MessageView::Warning(w) = msg.view() {
+                w2.lock().unwrap().push(w.error().to_string());
+            }
+            gst::BusSyncReply::Pass
+        });
+        run_pipeline(&p).expect("no error: the overflow is recovered");
+        let hashes = frame_hashes(&frames.lock().unwrap());
+        let warnings = warnings.lock().unwrap().clone();
+        (hashes, warnings)
+    };
+    let (f32_frames, f32_warnings) = run("f32");
+    let (f16_frames, f16_warnings) = run("f16");
+    assert!(f32_warnings.is_empty(), "{f32_warnings:?}");
+    assert_eq!(f16_warnings.len(), 1, "one warning, when it happens: {f16_warnings:?}");
+    assert!(f16_warnings[0].contains("f16") && f16_warnings[0].contains("precision=f32"), "{}", f16_warnings[0]);
+    assert_eq!(f16_frames.len(), 3);
+    assert_eq!(f16_frames, f32_frames, "after the fallback every frame is the f32 one");
+    std::fs::remove_dir_all(&d).ok();
 }

@@ -3,7 +3,12 @@
 set -euo pipefail
 pkgs=(pkg-config libglib2.0-dev libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
       gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good
-      gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav "$@")
+      gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
+      python3-venv python3-gi python3-gst-1.0 gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0
+      gstreamer1.0-plugins-base-apps ges1.0-tools "$@")
+# gstreamer1.0-plugins-base-apps: gst-discoverer-1.0 (the pipelines look for audio with it).
+# python3-venv, python3-gi (PyGObject) and the GStreamer typelibs: pipelines/restore-distributed.sh,
+# whose driver is Python (Ray itself comes from PyPI into a virtual environment: tests/setup-ray.sh).
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
