@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Restore a film across Ray workers (local by default; a cluster through Ray's RAY_ADDRESS), in
+# scene-aligned chunks: the same frames, bit for bit, as pipelines/restore-film.sh with the same
+# arguments. Resumable: run the same command again after an interruption.
+#   pipelines/restore-distributed.sh IN OUT.mkv|OUT.mp4 [dpirrestore properties…] [--chunk-frames N]
+#       [--workers N] [--work-dir DIR] [--keep-parts] [--gpus-per-task 0|1|auto] …  (--help: all)
+# Runs in the Ray virtual environment $DPIR_RAY_VENV (default ~/.cache/gst-dpir-ray-venv), which
+# tests/setup-ray.sh creates.
+set -euo pipefail
+venv="${DPIR_RAY_VENV:-$HOME/.cache/gst-dpir-ray-venv}"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import ray' 2>/dev/null; then
+  echo "restore-distributed.sh: no Ray virtual environment in $venv: create it with tests/setup-ray.sh" \
+    "(or point DPIR_RAY_VENV at one with ray and python3-gi)" >&2
+  exit 1
+fi
+exec "$venv/bin/python" "$(dirname -- "$0")/restore_distributed.py" "$@"
