@@ -13,4 +13,6 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import ray' 2>/dev/nu
     "(or point DPIR_RAY_VENV at one with ray and python3-gi)" >&2
   exit 1
 fi
+# No usage statistics sent to Ray's servers unless asked for.
+export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
 exec "$venv/bin/python" "$(dirname -- "$0")/restore_distributed.py" "$@"

@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import sys
@@ -574,6 +573,15 @@ class Progress:
         print(self.bar(), flush=True)
 
 
+def remove_parts(work, keep_dir=False):
+    """This program's files in the work directory (and the directory, if nothing else is left)."""
+    for name in os.listdir(work):
+        if re.fullmatch(r"plan\.json|chunk-\d+\.(mkv|json)(\.tmp-\d+)?", name):
+            os.unlink(os.path.join(work, name))
+    if not keep_dir and not os.listdir(work):
+        os.rmdir(work)
+
+
 def sha256_file(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -799,6 +807,8 @@ def main(argv):
             raise Fail(f"{p!r} is not a dpirrestore property (PROP=VALUE)")
     if args.chunk_frames < 1 or args.workers < 1 or args.cpus_per_task < 1:
         raise Fail("--chunk-frames, --workers and --cpus-per-task must be at least 1")
+    if args.gpus_per_task not in ("auto", "0", "1"):
+        raise Fail("--gpus-per-task is 0, 1 or auto")
     t_start = time.monotonic()
     say = lambda text: print(text, flush=True)  # noqa: E731
 
@@ -844,6 +854,12 @@ def main(argv):
     except OSError as e:
         raise Fail(f"cannot create the work directory {work}: {e.strerror}") from None
 
+    def drop_empty_work_dir():
+        if os.path.isdir(work) and not os.listdir(work):
+            os.rmdir(work)
+
+    _cleanup.append(drop_empty_work_dir)
+
     # The job's identity: segments of another input, other properties or another build are stale.
     plugin_path, plugin_sha = plugin_identity()
     st = os.stat(in_path)
@@ -861,19 +877,22 @@ def main(argv):
             pass
         if plan is None:
             say(f"{work} holds parts of another job (input, properties or plugin changed): starting over")
-            for name in os.listdir(work):
-                if re.fullmatch(r"plan\.json|chunk-\d+\.(mkv|json)(\.tmp-\d+)?", name):
-                    os.unlink(os.path.join(work, name))
+            remove_parts(work, keep_dir=True)
 
-    ray, resources = connect_ray(args, say)
-    _cleanup.insert(0, ray.shutdown)
-    register_gi_serializers(ray)
-    if args.gpus_per_task == "auto":
-        gpus = 1 if resources.get("GPU", 0) > 0 and device != "cpu" else 0
-    else:
-        gpus = int(args.gpus_per_task)
+    # Ray only when there is something to render (a re-run whose chunks are all done just joins);
+    # it is reached before the pre-pass, so that a wrong RAY_ADDRESS fails at once.
+    ray = resources = None
 
+    def ray_up():
+        nonlocal ray, resources
+        if ray is None:
+            ray, resources = connect_ray(args, say)
+            _cleanup.insert(0, ray.shutdown)
+            register_gi_serializers(ray)
+
+    resumed = plan is not None
     if plan is None:
+        ray_up()
         say(f"analysing {args.input} (scene cuts, no model)…")
         pre = prepass(in_path, args.props, say)
         chunks = plan_chunks(len(pre["frames"]), pre["clips"], args.chunk_frames)
@@ -911,10 +930,15 @@ def main(argv):
         todo.append(c)
     frames_before = sum(chunks[i]["frames"] for i in done)
     say(f"{total} frames, {len(plan['clips'])} clips, {len(chunks)} chunks of about {args.chunk_frames} frames"
-        + (f"; resuming: {len(done)} chunks already done, {len(todo)} to render" if done else ""))
+        + (f"; resuming: {len(done)} chunks already done, {len(todo)} to render" if resumed else ""))
 
     progress = Progress(total, frames_before, args.progress_interval)
     if todo:
+        ray_up()
+        if args.gpus_per_task == "auto":
+            gpus = 1 if resources.get("GPU", 0) > 0 and device != "cpu" else 0
+        else:
+            gpus = int(args.gpus_per_task)
         # Workers report to an actor without waiting (a task blocked in ray.get lends its CPU to
         # another task, which would run more chunks at once than asked).
         log = ray.remote(num_cpus=0)(EventLog).remote()
@@ -967,7 +991,7 @@ def main(argv):
                 progress.line(f"chunk {c['id'] + 1}/{len(chunks)} done: frames {c['first']}-{c['first'] + c['frames'] - 1} "
                               f"({c['frames']} frames, clips {c['first_clip']}-{c['first_clip'] + len(c['clips']) - 1}) "
                               f"in {r['seconds']:.1f} s, {c['frames'] / max(r['seconds'], 1e-9):.2f} frames/s "
-                              f"(pid {r['pid']} on {r['node']}); rendered")
+                              f"(pid {r['pid']} on {r['node']})")
             progress.draw()
         progress.close()
     rendered = len(todo)
@@ -981,7 +1005,7 @@ def main(argv):
     join_s = join(plan, segments, in_path, tmp_out, container, has_audio, say)
     os.replace(tmp_out, out_path)
     if not args.keep_parts:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_parts(work)
     say(f"done: {args.output}, {total} frames in {len(chunks)} chunks ({rendered} rendered, "
         f"{len(chunks) - rendered} resumed), joined in {join_s:.1f} s, {time.monotonic() - t_start:.1f} s in all")
 
