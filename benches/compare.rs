@@ -1,6 +1,7 @@
-//! Rust side of `benches/compare_pytorch.sh`: times one DPIR transformer forward and one VAE
-//! decode for the cases listed in a spec file written by `benches/compare_pytorch.py prepare`,
-//! and writes the outputs so the script can check both sides computed the same thing.
+//! Rust side of `benches/compare_pytorch.sh`: times one DPIR transformer forward, one VAE decode
+//! and encode, and one whole dpir-nano frame through the engine the element uses, for the cases
+//! listed in a spec file written by `benches/compare_pytorch.py prepare`, plus this machine's f32
+//! GEMM rate; writes the outputs so the script can check both sides computed the same thing.
 //!
 //! `cargo bench --no-default-features --bench compare -- <spec.json>`
 //!
@@ -8,7 +9,8 @@
 //!   "transformer": {"weights", "config", "inputs"},   // diffusers config dict, inputs file
 //!   "vae": {"weights", "config", "inputs"}}]}`         // either part may be absent
 //! Transformer inputs: `hidden_states`, `controlnet_cond`, `encoder_hidden_states`,
-//! `pooled_projections`, `timestep`; VAE inputs: `latent` (raw, unscaled).
+//! `pooled_projections`, `timestep`; VAE inputs: `latent` (raw, unscaled), `image` ([-1, 1]);
+//! frame (`"frame": {"model", "inputs"}`): `up_u8` (the frame at the output size, HWC) and `noise`.
 //! Prints one `RESULT {json}` line per timing (median ms over `iters` after one warm-up) and
 //! writes `<out_dir>/<case>.rust.safetensors`. CPU, f32; threads from `RAYON_NUM_THREADS`.
 
@@ -19,8 +21,11 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use gstdpir::engine::{ClipReason, DeviceSpec, EngineSettings, FrameContext, LqLatent, RestoreEngine, StreamInfo};
+use gstdpir::model::preprocess::RgbImage;
 use gstdpir::model::transformer::{DpirTransformer, DpirTransformerConfig};
 use gstdpir::model::vae::{AutoencoderKl, AutoencoderKlConfig};
+use gstdpir::restorer::{DpirEngine, Upsampled};
 use serde_json::{Value, json};
 
 fn median_ms(iters: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<(f64, Tensor)> {
@@ -40,6 +45,17 @@ fn report(case: &str, component: &str, shape: String, ms: f64, iters: usize) {
     println!("RESULT {r}");
 }
 
+/// The machine's f32 matrix-product rate through candle (its `gemm` kernels): `n³` GEMM.
+fn gemm_peak(n: usize, dev: &Device) -> Result<()> {
+    let a = Tensor::randn(0f32, 1., (n, n), dev)?;
+    let b = Tensor::randn(0f32, 1., (n, n), dev)?;
+    let (ms, _) = median_ms(5, || Ok(a.matmul(&b)?))?;
+    let r = json!({"case": "machine", "component": "f32 GEMM 2048^3", "shape": format!("{n}^3"), "ms": ms,
+                   "iters": 5, "gflop": 2.0 * (n as f64).powi(3) / 1e9});
+    println!("RESULT {r}");
+    Ok(())
+}
+
 fn var_builder(path: &str, dev: &Device) -> Result<VarBuilder<'static>> {
     // SAFETY: the weight files are not modified while the bench runs.
     Ok(unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, dev)? })
@@ -55,6 +71,7 @@ fn main() -> Result<()> {
     let out_dir = PathBuf::from(spec["out_dir"].as_str().context("spec.out_dir")?);
     let dev = Device::Cpu;
     eprintln!("rust: candle CPU f32, {} threads", candle_core::utils::get_num_threads());
+    gemm_peak(spec["gemm_n"].as_u64().unwrap_or(2048) as usize, &dev)?;
 
     for case in spec["cases"].as_array().context("spec.cases")? {
         let name = case["name"].as_str().context("case.name")?;
@@ -97,6 +114,46 @@ fn main() -> Result<()> {
             let (ms, y) = median_ms(iters, || Ok(vae.decode(z)?))?;
             report(name, "VAE decode", shape, ms, iters);
             outputs.insert("vae_decoded".into(), y);
+            let img = io.get("image").with_context(|| format!("{name}: input image"))?;
+            let (_, _, ih, iw) = img.dims4()?;
+            let shape = format!("b{b} 3x{ih}x{iw} -> {}x{}, ch {:?}", ih / ds, iw / ds, cfg.block_out_channels);
+            let (ms, y) = median_ms(iters, || Ok(vae.encode_moments(img)?))?;
+            report(name, "VAE encode", shape, ms, iters);
+            outputs.insert("vae_moments".into(), y);
+        }
+
+        if let Some(f) = case.get("frame").filter(|f| !f.is_null()) {
+            let settings = EngineSettings {
+                model: Some(PathBuf::from(f["model"].as_str().context("frame.model")?)),
+                device: DeviceSpec::Cpu,
+                lq_latent: LqLatent::Mode,
+                ..Default::default()
+            };
+            let mut engine = DpirEngine::load(&settings).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let io = candle_core::safetensors::load(f["inputs"].as_str().context("frame.inputs")?, &dev)?;
+            let up = RgbImage::from_hwc_tensor(io.get("up_u8").context("up_u8")?)?;
+            let noise = io.get("noise").context("noise")?;
+            let (w, h) = (up.width, up.height);
+            engine
+                .configure(&StreamInfo { in_width: w, in_height: h, scale: 1, fps: None, depth: 8 })
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let up = Upsampled::from_rgb8(up);
+            let mut clip = 0;
+            // Every call a new clip, so the global prompt is computed each time (as PyTorch does).
+            let (ms, y) = median_ms(iters, || {
+                clip += 1;
+                let ctx = FrameContext {
+                    index: 0,
+                    clip_index: clip,
+                    new_clip: Some(ClipReason::Start),
+                    prompt: String::new(),
+                    cancel: Default::default(),
+                };
+                Ok(engine.restore_upsampled(&up, &ctx, Some(noise))?.1.output)
+            })?;
+            report(name, "whole dpir-nano frame x2", format!("{w}x{h} out, {}", engine.describe()), ms, iters);
+            eprintln!("rust frame stages (last run): {}", engine.last_timings);
+            outputs.insert("frame_output".into(), y);
         }
 
         let path = out_dir.join(format!("{name}.rust.safetensors"));

@@ -1,6 +1,14 @@
 #!/usr/bin/env python3
 """PyTorch/diffusers side of benches/compare_pytorch.sh (run that, not this).
 
+Rows: per case, the DPIR transformer forward (and its control branch, and a step with the
+control precomputed), the VAE decoder and encoder; and one whole dpir-nano frame of the 1906
+film at x2 (the element's per-frame path: prompts, encode, 1 step in latent tiles, decode,
+wavelet colour fix; PyTorch = weights/train/model.py's copy of it, same noise). FLOPs of each row
+are counted on the PyTorch side (torch.utils.flop_counter: matrix products, convolutions,
+attention); both sides' GFLOP/s are printed next to this machine's f32 matrix-product peak,
+measured in the same run (2048^3 GEMM on each side).
+
   prepare WORK [--no-medium]   write WORK/spec.json, inputs and (medium case) random weights
   torch   WORK LOG             time the PyTorch side (RESULT lines to LOG, outputs to WORK)
   table   WORK ROUNDS          print the table from WORK/{rust,torch}.{0..ROUNDS-1}.log + outputs
@@ -27,10 +35,19 @@ import statistics
 import sys
 import time
 
+import subprocess
+
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-FIXTURES = os.environ.get("DPIR_FIXTURES", "/work/shared/fixtures")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "weights", "train"))
+
+FIXTURES = os.environ.get("DPIR_FIXTURES", os.path.join(HERE, "..", "..", "shared", "fixtures"))
+MEDIA = os.environ.get("DPIR_MEDIA", os.path.join(HERE, "..", "..", "shared", "media"))
+NANO = os.path.join(HERE, "..", "weights", "dpir-nano")
+GEMM_N = 2048
 CTX_TOKENS = 333
 
 
@@ -121,7 +138,8 @@ def prepare(work, medium=True):
     vio = load_file(f"{FIXTURES}/sd3_vae/io.safetensors")
     names = ["hidden_states", "controlnet_cond", "encoder_hidden_states", "pooled_projections", "timestep"]
     save_file({n: tio[n][:1].contiguous() for n in names}, f"{work}/tiny.transformer_in.safetensors")
-    save_file({"latent": vio["decode_latent"].contiguous()}, f"{work}/tiny.vae_in.safetensors")
+    save_file({"latent": vio["decode_latent"].contiguous(), "image": vio["image"].contiguous()},
+              f"{work}/tiny.vae_in.safetensors")
     save_file(
         {"transformer_sample": tio["sample"][:1].contiguous(), "vae_decoded": vio["decoded"].contiguous()},
         f"{work}/tiny.expected.safetensors",
@@ -173,7 +191,8 @@ def prepare(work, medium=True):
             },
             f"{work}/medium.transformer_in.safetensors",
         )
-        save_file({"latent": torch.randn(1, 16, 16, 16)}, f"{work}/medium.vae_in.safetensors")
+        save_file({"latent": torch.randn(1, 16, 16, 16), "image": torch.rand(1, 3, 128, 128) * 2 - 1},
+                  f"{work}/medium.vae_in.safetensors")
         cases.append(
             {
                 "name": "medium",
@@ -183,7 +202,26 @@ def prepare(work, medium=True):
             }
         )
 
-    json.dump({"out_dir": work, "cases": cases}, open(f"{work}/spec.json", "w"), indent=1)
+    # One dpir-nano frame: frame 40 of the 1906 film, x2 with Pillow's bicubic (the element's 8-bit
+    # path), edges replicated to a multiple of 16, and the initial noise both sides start from.
+    from PIL import Image
+    film = os.path.join(MEDIA, "Shepard_Calais_1906_FrenchGP.ogv")
+    raw = subprocess.run(["gst-launch-1.0", "-q", "filesrc", f"location={film}", "!", "decodebin", "!", "videoconvert",
+                          "!", "video/x-raw,format=RGB,width=214,height=160", "!", "fdsink"],
+                         check=True, capture_output=True).stdout
+    frame = np.frombuffer(raw, np.uint8)[40 * 214 * 160 * 3:41 * 214 * 160 * 3].reshape(160, 214, 3)
+    up = np.asarray(Image.fromarray(frame).resize((428, 320), Image.BICUBIC))
+    up = np.pad(up, ((0, (-320) % 16), (0, (-428) % 16), (0, 0)), mode="edge")
+    mj = json.load(open(os.path.join(NANO, "model.json")))
+    vc = json.load(open(os.path.join(NANO, mj["vae"]["config"])))
+    ds = 2 ** (len(vc["block_out_channels"]) - 1)
+    noise = torch.randn(1, vc["latent_channels"], up.shape[0] // ds, up.shape[1] // ds,
+                        generator=torch.Generator().manual_seed(5))
+    save_file({"up_u8": torch.from_numpy(up.copy()), "noise": noise}, f"{work}/frame.frame_in.safetensors")
+    cases.append({"name": "frame", "iters": 5, "frame": {"model": os.path.abspath(NANO),
+                                                          "inputs": f"{work}/frame.frame_in.safetensors"}})
+
+    json.dump({"out_dir": work, "gemm_n": GEMM_N, "cases": cases}, open(f"{work}/spec.json", "w"), indent=1)
     print(f"{work}/spec.json")
 
 
@@ -217,10 +255,26 @@ def run_torch(work, log):
     spec = json.load(open(f"{work}/spec.json"))
     results = []
 
-    def report(case, comp, ms, iters):
-        results.append({"case": case, "component": comp, "ms": ms, "iters": iters})
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def report(case, comp, ms, iters, gflop=None):
+        results.append({"case": case, "component": comp, "ms": ms, "iters": iters, "gflop": gflop})
+
+    def gflop(f):
+        with FlopCounterMode(display=False) as fc:
+            f()
+        return fc.get_total_flops() / 1e9
+
+    def timed(name, comp, iters, f):
+        ms, out = median_ms(iters, f)
+        report(name, comp, ms, iters, gflop(f))
+        return out
 
     with torch.no_grad():
+        a = torch.randn(GEMM_N, GEMM_N)
+        b = torch.randn(GEMM_N, GEMM_N)
+        ms, _ = median_ms(5, lambda: a @ b)
+        report("machine", "f32 GEMM 2048^3", ms, 5, 2 * GEMM_N ** 3 / 1e9)
         for case in spec["cases"]:
             name, iters = case["name"], case["iters"]
             outputs = {}
@@ -230,19 +284,25 @@ def run_torch(work, log):
                 io = load_file(t["inputs"])
                 args = [io[k] for k in ["hidden_states", "controlnet_cond", "encoder_hidden_states",
                                         "pooled_projections", "timestep"]]
-                ms, outputs["transformer_sample"] = median_ms(iters, lambda: m(*args))
-                report(name, "transformer forward (incl. control)", ms, iters)
-                ms, c = median_ms(iters, lambda: m.control_conv(args[1]))
-                report(name, "control_conv alone", ms, iters)
-                ms, _ = median_ms(iters, lambda: m(*args, control=c))
-                report(name, "step, control precomputed", ms, iters)
+                outputs["transformer_sample"] = timed(name, "transformer forward (incl. control)", iters, lambda: m(*args))
+                c = timed(name, "control_conv alone", iters, lambda: m.control_conv(args[1]))
+                timed(name, "step, control precomputed", iters, lambda: m(*args, control=c))
             v = case.get("vae")
             if v:
                 vae = make_vae(v["config"]).eval()
                 vae.load_state_dict(load_file(v["weights"]), strict=True)
-                z = load_file(v["inputs"])["latent"]
-                ms, outputs["vae_decoded"] = median_ms(iters, lambda: vae.decode(z).sample)
-                report(name, "VAE decode", ms, iters)
+                vin = load_file(v["inputs"])
+                z, img = vin["latent"], vin["image"]
+                outputs["vae_decoded"] = timed(name, "VAE decode", iters, lambda: vae.decode(z).sample)
+                outputs["vae_moments"] = timed(name, "VAE encode", iters, lambda: vae.encoder(img))
+            fr = case.get("frame")
+            if fr:
+                import model as M
+                mj, tr, fvae, pe = M.load_model(fr["model"])
+                fin = load_file(fr["inputs"])
+                up = fin["up_u8"].numpy()
+                outputs["frame_output"] = timed(name, "whole dpir-nano frame x2", iters,
+                                                lambda: M.nano_restore(mj, tr, fvae, pe, up, noise=fin["noise"])[1])
             save_file({k: v.contiguous() for k, v in outputs.items()}, f"{work}/{name}.torch.safetensors")
     with open(log, "w") as f:
         for r in results:
@@ -250,14 +310,16 @@ def run_torch(work, log):
 
 
 def read_results(paths):
-    """(case, component) -> (list of per-round median ms, shape)."""
+    """(case, component) -> (list of per-round median ms, shape, GFLOP)."""
     out = {}
     for p in paths:
         for line in open(p):
             if line.startswith("RESULT "):
                 r = json.loads(line[len("RESULT "):])
-                ms, shape = out.setdefault((r["case"], r["component"]), ([], r.get("shape", "")))
+                key = (r["case"], r["component"])
+                ms, shape, gf = out.get(key, ([], r.get("shape", ""), r.get("gflop")))
                 ms.append(r["ms"])
+                out[key] = (ms, shape, gf if gf is not None else r.get("gflop"))
     return out
 
 
@@ -273,14 +335,24 @@ def table(work, rounds):
     def load(p):
         return load_file(p) if os.path.exists(p) else {}
 
+    ratios = []
     print()
     print(f"Rust: candle, cargo profile {os.environ.get('DPIR_CMP_PROFILE', '?')}, RAYON_NUM_THREADS={threads}. "
           f"PyTorch {torch.__version__} / diffusers {__import__('diffusers').__version__}, "
           f"set_num_threads({threads}), no_grad. CPU float32, batch 1.")
     print(f"ms = median over the case's iterations (after 1 warm-up); with {rounds} alternating rounds "
           f"(Rust, PyTorch, Rust, ...) the best round's median per side.")
+    peak = {side: r[("machine", "f32 GEMM 2048^3")] for side, r in (("Rust", rust), ("PyTorch", pt))
+            if ("machine", "f32 GEMM 2048^3") in r}
+    peak_gf = {}
+    for side, (ms, _, gf) in peak.items():
+        peak_gf[side] = gf / (min(ms) / 1e3)
+    best_peak = max(peak_gf.values()) if peak_gf else None
+    print("machine f32 matrix-product peak (2048^3 GEMM, same run): " +
+          ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak_gf.items()) +
+          "; % peak below is of the higher of the two")
     hdr = (f"{'case':<7} {'component':<38} {'shape':<48} {'Rust ms':>9} {'PyTorch ms':>10} "
-           f"{'Rust/PT':>8} {'max|R-PT|':>9} {'max|PT-fix|':>11}")
+           f"{'Rust/PT':>8} {'GFLOP':>7} {'R GF/s':>7} {'PT GF/s':>7} {'R %pk':>6} {'max|R-PT|':>9} {'max|PT-fix|':>11}")
     print(hdr)
     print("-" * len(hdr))
     for case in spec["cases"]:
@@ -289,16 +361,26 @@ def table(work, rounds):
         exp = load(f"{work}/{name}.expected.safetensors")
         comps = [k[1] for k in rust if k[0] == name] + [k[1] for k in pt if k[0] == name]
         for comp in dict.fromkeys(comps):
-            rms, shape = rust.get((name, comp), (None, ""))
-            tms, _ = pt.get((name, comp), (None, ""))
+            rms, shape, _ = rust.get((name, comp), (None, "", None))
+            tms, _, gf = pt.get((name, comp), (None, "", None))
             rms, tms = (min(rms) if rms else None), (min(tms) if tms else None)
             ratio = rms / tms if rms and tms else None
-            key = {"transformer forward (incl. control)": "transformer_sample", "VAE decode": "vae_decoded"}.get(comp)
+            ratios.append(ratio)
+            key = {"transformer forward (incl. control)": "transformer_sample", "VAE decode": "vae_decoded",
+                   "VAE encode": "vae_moments", "whole dpir-nano frame x2": "frame_output"}.get(comp)
             d_rt = maxdiff(rout.get(key), tout.get(key)) if key else None
             d_fx = maxdiff(exp.get(key), tout.get(key)) if key else None
             label = comp if key else "  " + comp
+            rgf = gf / (rms / 1e3) if gf and rms else None
+            tgf = gf / (tms / 1e3) if gf and tms else None
+            pk = 100 * rgf / best_peak if rgf and best_peak else None
             print(f"{name:<7} {label:<38} {shape:<48} {fmt(rms, '9.2f')} {fmt(tms, '10.2f')} "
-                  f"{fmt(ratio, '8.2f')} {fmt(d_rt, '9.1e')} {fmt(d_fx, '11.1e')}")
+                  f"{fmt(ratio, '8.2f')} {fmt(gf, '7.2f')} {fmt(rgf, '7.1f')} {fmt(tgf, '7.1f')} {fmt(pk, '6.1f')} "
+                  f"{fmt(d_rt, '9.1e')} {fmt(d_fx, '11.1e')}")
+    good = [r for r in ratios if r]
+    if good:
+        gm = float(np.exp(np.mean(np.log(good))))
+        print(f"geometric mean Rust/PT over {len(good)} rows: {gm:.2f}; worst row {max(good):.2f}")
     print("Rust/PT > 1: Rust slower. max|R-PT|: Rust vs PyTorch output on the same inputs and weights; "
           "max|PT-fix|: PyTorch vs the official-DPIR fixture output (tiny case).")
 

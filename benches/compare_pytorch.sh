@@ -5,12 +5,14 @@
 #
 #   benches/compare_pytorch.sh [--no-medium]
 #
-# Cases: "tiny" = the fixtures' configuration and weights (/work/shared/fixtures), "medium" =
+# Cases: "tiny" = the fixtures' configuration and weights ($DPIR_FIXTURES), "medium" =
 # random weights generated on the spot (transformer 2 layers x 512, latent 64x64 + 333 context
 # tokens; VAE [64,128,256,256], latent 16x16 -> 128x128). See benches/compare_pytorch.py.
 #
 # Environment:
-#   DPIR_CMP_PYTHON   python with torch 2.4 + diffusers 0.29.2 (default /root/venv-dpir/bin/python)
+#   DPIR_CMP_PYTHON   python with torch 2.4 + diffusers 0.29.2 (default: $DPIR_CMP_VENV/bin/python,
+#                     the environment benches/setup-pytorch.sh creates when it is missing)
+#   DPIR_CMP_VENV     that environment (default ~/.cache/gst-dpir-venv)
 #   DPIR_CMP_PROFILE  cargo profile for the Rust side: bench (default; release settings) or dev
 #                     (dependencies are opt-level 3 in dev too, the crate itself opt-level 1)
 #   DPIR_CMP_ROUNDS   alternating Rust/PyTorch rounds; the table keeps each side's best round
@@ -19,13 +21,18 @@
 #   DPIR_CMP_THREADS  threads for both sides (default 2: RAYON_NUM_THREADS / torch.set_num_threads)
 #   DPIR_CMP_WORK     scratch folder for spec, generated weights, inputs, outputs
 #                     (default $TMPDIR/dpir-compare; the medium weights are reused across runs)
-#   DPIR_FIXTURES     fixture folder (default /work/shared/fixtures)
+#   DPIR_FIXTURES     fixture folder (default ../shared/fixtures, beside the repository)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PY=${DPIR_CMP_PYTHON:-/root/venv-dpir/bin/python}
+if [ -z "${DPIR_CMP_PYTHON:-}" ]; then
+    bash benches/setup-pytorch.sh
+    DPIR_CMP_PYTHON=${DPIR_CMP_VENV:-$HOME/.cache/gst-dpir-venv}/bin/python
+fi
+PY=$DPIR_CMP_PYTHON
 WORK=${DPIR_CMP_WORK:-${TMPDIR:-/tmp}/dpir-compare}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/gst-dpir-target}
+export DPIR_FIXTURES=${DPIR_FIXTURES:-$PWD/../shared/fixtures}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/gst-dpir-target}
 export DPIR_CMP_PROFILE=${DPIR_CMP_PROFILE:-bench}
 export DPIR_CMP_THREADS=${DPIR_CMP_THREADS:-2}
 export RAYON_NUM_THREADS=$DPIR_CMP_THREADS

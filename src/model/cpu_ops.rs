@@ -1,22 +1,36 @@
-//! CPU fast paths for the autoencoder's full-resolution layers (f32 only; every other device or
-//! dtype goes through candle). On 2 cores candle's im2col convolution runs a 16→16 3×3 layer
-//! on a 432×320 frame at ~2 GFLOP/s and its group norm makes ~10 passes over memory: for the
-//! few-channel, large-image layers of a small autoencoder (dpir-nano's) these two dominated the
-//! frame time. Here a convolution (stride 1 or 2) is row-blocked multiply-adds that stay in
-//! cache, and group norm + SiLU is two passes, both split over the available cores.
+//! CPU fast paths for the autoencoder's layers (f32 only; every other device or dtype goes
+//! through candle). Measured on 2 cores (AVX-512) before these existed: candle's convolution ran
+//! dpir-nano's 16→16 3×3 layers at ~2 GFLOP/s (a full im2col matrix per call, then a copy to
+//! NCHW) and its group norm made ~10 passes over memory; together they were most of a frame.
+//!
+//! - [`conv2d`]: a `k × k` convolution as **blocked im2col + GEMM**: output rows in blocks whose
+//!   patch matrix stays in cache, each block one call of the `gemm` crate (the one candle's matmul
+//!   uses, with its runtime AVX2/AVX-512 kernels) writing straight into the NCHW output; 1×1
+//!   convolutions multiply the input planes in place, no copy.
+//! - [`upsample2x_conv3x3`]: nearest ×2 upsampling followed by a 3×3 convolution (the decoder's
+//!   `Upsample2D`) as four **sub-pixel** 2×2 convolutions of the low-resolution input, one per
+//!   output phase, with the 3×3 taps that land on the same input pixel summed ([`SubPixelWeights`]):
+//!   2.25× fewer multiply-adds and no upsampled copy.
+//! - [`group_norm`]: group norm + optional SiLU in two passes.
+//!
+//! All split their work over the machine's cores; each is tested against candle's result for the
+//! same operation.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Storage, Tensor};
 
-/// Threads for one op: the machine's cores, but never more than there are work items.
+/// Threads for one op: rayon's pool (`RAYON_NUM_THREADS`, default the machine's cores), but
+/// never more than there are work items.
 fn threads(items: usize) -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(items).max(1)
+    rayon::current_num_threads().min(items).max(1)
 }
 
-/// Run `f(first_item, chunk)` over `out` cut into `items` equal parts, spread over threads.
+/// Run `f(first_item, chunk)` over `out` cut into `items` equal parts, one contiguous run of
+/// items per thread of rayon's (persistent) pool.
 fn par_chunks<F>(out: &mut [f32], items: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
+    use rayon::prelude::*;
     let per_item = out.len() / items.max(1);
     let n = threads(items);
     let items_per_thread = items.div_ceil(n);
@@ -24,10 +38,25 @@ where
         f(0, out);
         return;
     }
-    std::thread::scope(|s| {
-        for (t, chunk) in out.chunks_mut(items_per_thread * per_item).enumerate() {
-            let f = &f;
-            s.spawn(move || f(t * items_per_thread, chunk));
+    out.par_chunks_mut(items_per_thread * per_item).enumerate().for_each(|(t, chunk)| f(t * items_per_thread, chunk));
+}
+
+/// Run `f(lo, hi)` over `[0, items)` split into one contiguous range per thread.
+fn par_ranges<F>(items: usize, f: F)
+where
+    F: Fn(usize, usize) + Sync,
+{
+    use rayon::prelude::*;
+    let n = threads(items);
+    if n == 1 {
+        f(0, items);
+        return;
+    }
+    let per = items.div_ceil(n);
+    (0..n).into_par_iter().for_each(|t| {
+        let (lo, hi) = (t * per, ((t + 1) * per).min(items));
+        if lo < hi {
+            f(lo, hi);
         }
     });
 }
@@ -42,31 +71,79 @@ fn cpu_f32(x: &Tensor) -> bool {
     enabled() && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.rank() == 4
 }
 
-/// `out[c][i] += w[c] · src[i]` for `cb` (1 or 4) output planes of `block`, rows from `start`.
-#[inline]
-fn axpy(block: &mut [f32], plane: usize, cb: usize, start: usize, src: &[f32], w: [f32; 4]) {
-    let r = start..start + src.len();
-    if cb == 4 {
-        let (a, rest) = block.split_at_mut(plane);
-        let (b, rest) = rest.split_at_mut(plane);
-        let (c, d) = rest.split_at_mut(plane);
-        let it = a[r.clone()].iter_mut().zip(&mut b[r.clone()]).zip(&mut c[r.clone()]).zip(&mut d[r]);
-        for ((((o0, o1), o2), o3), &v) in it.zip(src) {
-            *o0 += w[0] * v;
-            *o1 += w[1] * v;
-            *o2 += w[2] * v;
-            *o3 += w[3] * v;
+/// The f32 values of a CPU tensor, contiguous: borrowed when they already are, else copied once.
+fn with_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    {
+        let (storage, layout) = x.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
+            return f(&cpu.as_slice::<f32>()?[a..b]);
         }
-    } else {
-        for (o, &v) in block[r].iter_mut().zip(src) {
-            *o += w[0] * v;
-        }
+    }
+    f(&x.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// A raw output pointer shared by threads that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// (A method, so that closures capture the `Sync` wrapper, not the raw pointer.)
+    fn at(self, offset: usize) -> *mut f32 {
+        unsafe { self.0.add(offset) }
     }
 }
 
+/// `dst (m × n, row stride dst_rs) += lhs (m × k, row-major) · rhs (k × n, row stride rhs_rs)`,
+/// single-threaded (callers split the work).
+///
+/// # Safety
+/// The pointers must cover the extents given.
+unsafe fn gemm_acc(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    rhs: *const f32,
+    rhs_rs: usize,
+) {
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            true,
+            lhs,
+            1,
+            k as isize,
+            rhs,
+            1,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Output rows per im2col block: the patch matrix (`k_len × rows·wo` floats) near 512 KiB, so
+/// that it stays in cache between its writing and the GEMM reading it.
+fn block_rows(k_len: usize, wo: usize, ho: usize) -> usize {
+    ((128 * 1024) / (k_len * wo).max(1)).clamp(1, ho.max(1))
+}
+
 /// A `k × k` convolution with `pad` zero padding and stride 1 or 2, groups 1, dilation 1, on
-/// NCHW f32. `weight` is `[cout, cin, k, k]` row-major, `bias` `[cout]`. Returns `None` where the
-/// fast path does not apply (not CPU f32 NCHW, or another stride).
+/// NCHW f32. `weight` is `[cout, cin, k, k]` row-major (= `[cout, cin·k·k]`), `bias` `[cout]`.
+/// Returns `None` where the fast path does not apply (not CPU f32 NCHW, or another stride).
 pub fn conv2d(
     x: &Tensor,
     weight: &[f32],
@@ -80,70 +157,564 @@ pub fn conv2d(
     }
     Some((|| {
         let (b, cin, h, w) = x.dims4()?;
-        let cout = weight.len() / (cin * k * k);
-        if cout * cin * k * k != weight.len() || h + 2 * pad < k || w + 2 * pad < k {
+        let k_len = cin * k * k;
+        let cout = weight.len() / k_len.max(1);
+        if cout * k_len != weight.len() || h + 2 * pad < k || w + 2 * pad < k {
             candle_core::bail!("conv2d: weight of {} values for {cin} input channels, k {k}", weight.len());
         }
         let s = stride;
         let (ho, wo) = ((h + 2 * pad - k) / s + 1, (w + 2 * pad - k) / s + 1);
-        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; b * cout * ho * wo];
-        // Four output channels per pass where they divide: each input value loaded feeds four
-        // multiply-adds (the loop is memory-bound with one).
-        let cb = if cout.is_multiple_of(4) { 4 } else { 1 };
         let plane = ho * wo;
-        // Stride 2: each zero-padded input row is split by phase (even / odd columns), so every
-        // tap reads a contiguous run: tap kx is phase kx % 2 from kx / 2 on.
-        let plen = (w + 2 * pad).div_ceil(s);
-        par_chunks(&mut out, b * cout / cb, |first, chunk| {
-            let mut phases = vec![0f32; if s == 1 { 0 } else { s * plen }];
-            for (j, block) in chunk.chunks_mut(cb * plane).enumerate() {
-                let item = first + j;
-                let (bi, co0) = (item * cb / cout, item * cb % cout);
-                for (c, p) in block.chunks_mut(plane).enumerate() {
-                    p.fill(bias.map_or(0.0, |bv| bv[co0 + c]));
-                }
-                let img = &xs[bi * cin * h * w..(bi + 1) * cin * h * w];
-                let wt = |ci: usize, ky: usize, kx: usize| {
-                    let at = |c: usize| weight[(((co0 + c) * cin + ci) * k + ky) * k + kx];
-                    if cb == 4 { [at(0), at(1), at(2), at(3)] } else { [at(0), 0.0, 0.0, 0.0] }
-                };
-                for y in 0..ho {
+        let mut out = vec![0f32; b * cout * plane];
+        for (co, p) in out.chunks_mut(plane).enumerate() {
+            p.fill(bias.map_or(0.0, |bv| bv[co % cout]));
+        }
+        with_f32(x, |xs| {
+            let dst = OutPtr(out.as_mut_ptr());
+            if k == 1 && pad == 0 && s == 1 {
+                // 1×1: the input planes are the patch matrix already.
+                par_ranges(b * plane.div_ceil(4096), |lo, hi| {
+                    let blocks = plane.div_ceil(4096);
+                    for item in lo..hi {
+                        let (bi, p0) = (item / blocks, (item % blocks) * 4096);
+                        let n = 4096.min(plane - p0);
+                        unsafe {
+                            gemm_acc(
+                                cout,
+                                n,
+                                cin,
+                                dst.at(bi * cout * plane + p0),
+                                plane,
+                                weight.as_ptr(),
+                                xs.as_ptr().add(bi * cin * h * w + p0),
+                                h * w,
+                            )
+                        };
+                    }
+                });
+                return Ok(());
+            }
+            let rows = block_rows(k_len, wo, ho);
+            let blocks = ho.div_ceil(rows);
+            par_ranges(b * blocks, |lo, hi| {
+                let mut col = vec![0f32; k_len * rows * wo];
+                for item in lo..hi {
+                    let (bi, y0) = (item / blocks, (item % blocks) * rows);
+                    let nr = rows.min(ho - y0);
+                    let npos = nr * wo;
+                    let img = &xs[bi * cin * h * w..(bi + 1) * cin * h * w];
+                    // Patch matrix: row (ci, ky, kx), column (y, x) of this block.
                     for ci in 0..cin {
                         let chan = &img[ci * h * w..(ci + 1) * h * w];
                         for ky in 0..k {
-                            let iy = y * s + ky;
-                            if iy < pad || iy - pad >= h {
-                                continue;
-                            }
-                            let irow = &chan[(iy - pad) * w..(iy - pad + 1) * w];
-                            if s == 1 {
-                                for kx in 0..k {
-                                    // output x reads input x + kx - pad, inside [0, w)
-                                    let x0 = pad.saturating_sub(kx);
-                                    let x1 = wo.min(w + pad - kx);
-                                    if x0 < x1 {
-                                        let src = &irow[x0 + kx - pad..x1 + kx - pad];
-                                        axpy(block, plane, cb, y * wo + x0, src, wt(ci, ky, kx));
+                            for kx in 0..k {
+                                let r = &mut col[((ci * k + ky) * k + kx) * npos..][..npos];
+                                for (yy, orow) in r.chunks_mut(wo).enumerate() {
+                                    let iy = (y0 + yy) * s + ky;
+                                    if iy < pad || iy - pad >= h {
+                                        orow.fill(0.0);
+                                        continue;
+                                    }
+                                    let irow = &chan[(iy - pad) * w..(iy - pad + 1) * w];
+                                    if s == 1 {
+                                        // output x reads input x + kx - pad, inside [0, w)
+                                        let x0 = pad.saturating_sub(kx).min(wo);
+                                        let x1 = wo.min((w + pad).saturating_sub(kx)).max(x0);
+                                        orow[..x0].fill(0.0);
+                                        orow[x0..x1].copy_from_slice(&irow[x0 + kx - pad..x1 + kx - pad]);
+                                        orow[x1..].fill(0.0);
+                                    } else {
+                                        for (xo, o) in orow.iter_mut().enumerate() {
+                                            let ix = xo * s + kx;
+                                            *o = if ix < pad || ix - pad >= w { 0.0 } else { irow[ix - pad] };
+                                        }
                                     }
                                 }
-                            } else {
-                                phases.fill(0.0);
-                                for (i, &v) in irow.iter().enumerate() {
-                                    let pi = i + pad;
-                                    phases[(pi % s) * plen + pi / s] = v;
+                            }
+                        }
+                    }
+                    unsafe {
+                        gemm_acc(
+                            cout,
+                            npos,
+                            k_len,
+                            dst.at(bi * cout * plane + y0 * wo),
+                            plane,
+                            weight.as_ptr(),
+                            col.as_ptr(),
+                            npos,
+                        )
+                    };
+                }
+            });
+            Ok(())
+        })?;
+        Tensor::from_vec(out, (b, cout, ho, wo), x.device())
+    })())
+}
+
+/// The four 2×2 kernels that nearest ×2 upsampling followed by a 3×3 convolution (padding 1)
+/// amounts to, one per output phase `(a, b)` (output pixel `(2i + a, 2j + b)`): tap `ty` reads
+/// input row `i + ty − 1 + a` (columns alike) with the 3×3 weights of the rows landing on it
+/// summed — phase 0 takes row `i − 1` with `w[0]` and row `i` with `w[1] + w[2]`, phase 1 row `i`
+/// with `w[0] + w[1]` and row `i + 1` with `w[2]`.
+#[derive(Debug, Clone)]
+pub struct SubPixelWeights {
+    /// `[phase = 2a + b][cout][cin · 4]`.
+    phases: [Vec<f32>; 4],
+    cout: usize,
+    cin: usize,
+}
+
+impl SubPixelWeights {
+    /// From `[cout, cin, 3, 3]` row-major weights.
+    pub fn new(weight: &[f32], cout: usize, cin: usize) -> Self {
+        // taps[phase][t] = the 3×3 rows (or columns) summed into 2×2 tap t.
+        let taps: [[&[usize]; 2]; 2] = [[&[0], &[1, 2]], [&[0, 1], &[2]]];
+        let phases = std::array::from_fn(|ph| {
+            let (a, b) = (ph / 2, ph % 2);
+            let mut v = vec![0f32; cout * cin * 4];
+            for co in 0..cout {
+                for ci in 0..cin {
+                    let w = &weight[(co * cin + ci) * 9..][..9];
+                    for ty in 0..2 {
+                        for tx in 0..2 {
+                            let mut acc = 0f32;
+                            for &ky in taps[a][ty] {
+                                for &kx in taps[b][tx] {
+                                    acc += w[ky * 3 + kx];
                                 }
-                                for kx in 0..k {
-                                    let off = (kx % s) * plen + kx / s;
-                                    axpy(block, plane, cb, y * wo, &phases[off..off + wo], wt(ci, ky, kx));
+                            }
+                            v[(co * cin + ci) * 4 + ty * 2 + tx] = acc;
+                        }
+                    }
+                }
+            }
+            v
+        });
+        Self { phases, cout, cin }
+    }
+}
+
+/// `conv3x3(pad 1)(upsample_nearest(x, 2×))` on NCHW f32, computed as four sub-pixel 2×2
+/// convolutions of `x` (see [`SubPixelWeights`]). `None` where the fast path does not apply.
+pub fn upsample2x_conv3x3(x: &Tensor, weights: &SubPixelWeights, bias: Option<&[f32]>) -> Option<Result<Tensor>> {
+    if !cpu_f32(x) {
+        return None;
+    }
+    Some((|| {
+        let (b, cin, h, w) = x.dims4()?;
+        let cout = weights.cout;
+        if cin != weights.cin {
+            candle_core::bail!("upsample conv: {cin} input channels, weights for {}", weights.cin);
+        }
+        let (ho, wo) = (2 * h, 2 * w);
+        let plane = ho * wo;
+        let mut out = vec![0f32; b * cout * plane];
+        let k_len = cin * 4;
+        with_f32(x, |xs| {
+            let dst = OutPtr(out.as_mut_ptr());
+            let rows = block_rows(k_len, w, h);
+            let blocks = h.div_ceil(rows);
+            par_ranges(b * blocks, |lo, hi| {
+                let mut col = vec![0f32; k_len * rows * w];
+                let mut tmp = vec![0f32; cout * rows * w];
+                for item in lo..hi {
+                    let (bi, i0) = (item / blocks, (item % blocks) * rows);
+                    let nr = rows.min(h - i0);
+                    let npos = nr * w;
+                    let img = &xs[bi * cin * h * w..(bi + 1) * cin * h * w];
+                    for ph in 0..4 {
+                        let (a, bb) = (ph / 2, ph % 2);
+                        for ci in 0..cin {
+                            let chan = &img[ci * h * w..(ci + 1) * h * w];
+                            for ty in 0..2 {
+                                for tx in 0..2 {
+                                    let r = &mut col[(ci * 4 + ty * 2 + tx) * npos..][..npos];
+                                    for (ii, orow) in r.chunks_mut(w).enumerate() {
+                                        // input row i + ty − 1 + a, column j + tx − 1 + b
+                                        let iy = (i0 + ii + ty + a) as isize - 1;
+                                        if iy < 0 || iy >= h as isize {
+                                            orow.fill(0.0);
+                                            continue;
+                                        }
+                                        let irow = &chan[iy as usize * w..(iy as usize + 1) * w];
+                                        match tx + bb {
+                                            0 => {
+                                                orow[0] = 0.0;
+                                                orow[1..].copy_from_slice(&irow[..w - 1]);
+                                            }
+                                            1 => orow.copy_from_slice(irow),
+                                            _ => {
+                                                orow[..w - 1].copy_from_slice(&irow[1..]);
+                                                orow[w - 1] = 0.0;
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        let t = &mut tmp[..cout * npos];
+                        for (co, p) in t.chunks_mut(npos).enumerate() {
+                            p.fill(bias.map_or(0.0, |bv| bv[co]));
+                        }
+                        unsafe {
+                            gemm_acc(
+                                cout,
+                                npos,
+                                k_len,
+                                t.as_mut_ptr(),
+                                npos,
+                                weights.phases[ph].as_ptr(),
+                                col.as_ptr(),
+                                npos,
+                            )
+                        };
+                        // Interleave the phase into the output: rows 2i + a, columns 2j + b.
+                        for co in 0..cout {
+                            let src = &t[co * npos..(co + 1) * npos];
+                            for ii in 0..nr {
+                                let y = 2 * (i0 + ii) + a;
+                                let o = unsafe {
+                                    std::slice::from_raw_parts_mut(dst.at(bi * cout * plane + co * plane + y * wo), wo)
+                                };
+                                for (j, &v) in src[ii * w..(ii + 1) * w].iter().enumerate() {
+                                    o[2 * j + bb] = v;
                                 }
                             }
                         }
                     }
                 }
+            });
+            Ok(())
+        })?;
+        Tensor::from_vec(out, (b, cout, ho, wo), x.device())
+    })())
+}
+
+// ---- vectorisable math -------------------------------------------------------------------
+
+/// Runs `$body` (a loop over slices calling the `#[inline(always)]` helpers below) compiled for
+/// AVX2 + FMA when the CPU has them (checked once at run time), else for the baseline target:
+/// the crate is built for plain x86-64, where libm's `expf`/`tanhf` are scalar calls.
+macro_rules! dispatch {
+    ($name:ident ($($arg:ident : $ty:ty),*) $body:block) => {
+        dispatch!($name ($($arg: $ty),*) -> () $body);
+    };
+    ($name:ident ($($arg:ident : $ty:ty),*) -> $ret:ty $body:block) => {
+        pub fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn fast($($arg: $ty),*) -> $ret $body
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the features `fast` was compiled for.
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            $body
+        }
+    };
+}
+
+/// Sum with 16 independent partial sums (a plain `iter().sum()` is one serial dependency chain
+/// that the compiler may not reorder, so it never vectorises).
+#[inline(always)]
+fn sum16(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = v.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+/// Sum of `(x − c)²` with 16 partial sums.
+#[inline(always)]
+fn sum_sq16(v: &[f32], c: f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = v.chunks_exact(16);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for i in 0..16 {
+            let d = ch[i] - c;
+            acc[i] += d * d;
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().map(|&x| (x - c) * (x - c)).sum::<f32>()
+}
+
+/// Maximum with 16 partial maxima (NaN-free input).
+#[inline(always)]
+fn max16(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = v.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    acc.iter().chain(rest).fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+}
+
+dispatch!(sums(v: &[f32]) -> (f32, f32) {
+    let s = sum16(v);
+    (s, sum_sq16(v, 0.0))
+});
+
+/// `e^x` in f32 with a relative error below 3e-7 (2.5 units in the last place), written
+/// without libm so that it vectorises: `2^n · e^r` with `n = round(x·log2 e)` (round by adding
+/// 1.5·2^23), `r = x − n·ln 2` in two parts (Cody–Waite), `e^r` by its Taylor series to r⁶
+/// (|r| ≤ ln 2 / 2). Inputs are clamped to [−87, 88] (e^x then stays a normal f32).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const SHIFTER: f32 = 12_582_912.0; // 1.5 · 2^23
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * LOG2E + SHIFTER;
+    let n = t - SHIFTER;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let k = (t.to_bits() as i32).wrapping_sub(SHIFTER.to_bits() as i32);
+    p * f32::from_bits(((k + 127) << 23) as u32)
+}
+
+/// SiLU `x · σ(x)` with [`exp`].
+#[inline(always)]
+fn silu1(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
+}
+
+/// GELU, tanh approximation (torch `gelu(approximate="tanh")`, candle's `gelu`):
+/// `0.5·x·(1 + tanh(u)) = x · σ(2u)`, `u = √(2/π)·(x + 0.044715·x³)`.
+#[inline(always)]
+fn gelu1(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // √(2/π)
+    let u = C * (x + 0.044_715 * x * x * x);
+    x / (1.0 + exp(-2.0 * u))
+}
+
+dispatch!(affine_silu(v: &mut [f32], scale: f32, shift: f32) {
+    for x in v.iter_mut() {
+        *x = silu1(*x * scale + shift);
+    }
+});
+
+dispatch!(bias_gelu_rows(v: &mut [f32], bias: &[f32]) {
+    for row in v.chunks_exact_mut(bias.len()) {
+        for (x, &b) in row.iter_mut().zip(bias) {
+            *x = gelu1(*x + b);
+        }
+    }
+});
+
+dispatch!(softmax_row(v: &mut [f32], scale: f32) {
+    let max = max16(v);
+    for x in v.iter_mut() {
+        *x = exp((*x - max) * scale);
+    }
+    let inv = 1.0 / sum16(v);
+    for x in v.iter_mut() {
+        *x *= inv;
+    }
+});
+
+dispatch!(layer_norm_modulate_row(row: &mut [f32], shift: &[f32], scale: &[f32], eps: f32) {
+    // Two passes (hidden states of the real model have large means).
+    let n = row.len() as f32;
+    let mean = sum16(row) / n;
+    let var = sum_sq16(row, mean) / n;
+    let inv = 1.0 / (var + eps).sqrt();
+    for ((x, &sh), &sc) in row.iter_mut().zip(shift).zip(scale) {
+        *x = (*x - mean) * inv * (1.0 + sc) + sh;
+    }
+});
+
+// ---- transformer kernels ----------------------------------------------------------------------
+
+/// `x · wᵀ + b` for `x` `[…, in]` (CPU f32), `w` `[out, in]` row-major: one GEMM per call that
+/// starts from the bias (candle's `Linear` multiplies, then adds the bias in a second pass).
+pub fn linear(x: &Tensor, w: &[f32], b: Option<&[f32]>, out_features: usize) -> Option<Result<Tensor>> {
+    if !(enabled() && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32) {
+        return None;
+    }
+    Some((|| {
+        let dims = x.dims().to_vec();
+        let in_f = *dims.last().unwrap_or(&0);
+        if in_f * out_features != w.len() {
+            candle_core::bail!("linear: {} weights for {in_f} → {out_features}", w.len());
+        }
+        let m = x.elem_count() / in_f.max(1);
+        let mut out = vec![0f32; m * out_features];
+        if let Some(b) = b {
+            for row in out.chunks_exact_mut(out_features) {
+                row.copy_from_slice(b);
+            }
+        }
+        with_f32(x, |xs| {
+            // dst (m × out) += x (m × in) · wᵀ (in × out): wᵀ read through strides, no copy.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    out_features,
+                    in_f,
+                    out.as_mut_ptr(),
+                    1,
+                    out_features as isize,
+                    b.is_some(),
+                    xs.as_ptr(),
+                    1,
+                    in_f as isize,
+                    w.as_ptr(),
+                    in_f as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(threads(m)),
+                )
+            };
+            Ok(())
+        })?;
+        let mut shape = dims;
+        *shape.last_mut().unwrap() = out_features;
+        Tensor::from_vec(out, shape, x.device())
+    })())
+}
+
+/// `gelu_tanh(x · wᵀ + b)`: [`linear`] with the bias and the activation in one pass.
+pub fn linear_gelu(x: &Tensor, w: &[f32], b: &[f32]) -> Option<Result<Tensor>> {
+    let y = linear(x, w, None, b.len())?;
+    Some(y.and_then(|y| {
+        let shape = y.dims().to_vec();
+        let mut v = y.flatten_all()?.to_vec1::<f32>()?;
+        let rows = v.len() / b.len().max(1);
+        par_chunks(&mut v, rows, |_, chunk| bias_gelu_rows(chunk, b));
+        Tensor::from_vec(v, shape, y.device())
+    }))
+}
+
+/// LayerNorm without affine over the last dim (eps `eps`), then `· (1 + scale) + shift` per
+/// sample: `x` `[B, N, C]`, `shift`/`scale` `[B, C]` (diffusers' `norm(x) * (1 + scale[:, None])
+/// + shift[:, None]`), CPU f32.
+pub fn layer_norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Option<Result<Tensor>> {
+    if !(enabled() && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.rank() == 3) {
+        return None;
+    }
+    Some((|| {
+        let (b, n, c) = x.dims3()?;
+        let sh = shift.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let sc = scale.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if sh.len() != b * c || sc.len() != b * c {
+            candle_core::bail!("layer_norm_modulate: shift/scale for {} values, x is {b}×{n}×{c}", sh.len());
+        }
+        let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+        par_chunks(&mut v, b * n, |first, chunk| {
+            for (j, row) in chunk.chunks_exact_mut(c).enumerate() {
+                let bi = (first + j) / n;
+                layer_norm_modulate_row(row, &sh[bi * c..(bi + 1) * c], &sc[bi * c..(bi + 1) * c], eps as f32);
             }
         });
-        Tensor::from_vec(out, (b, cout, ho, wo), x.device())
+        Tensor::from_vec(v, (b, n, c), x.device())
+    })())
+}
+
+/// Multi-head attention `softmax(q kᵀ · scale) v` on `[B, N, heads·d]` tensors (CPU f32), the
+/// heads read and written in place through strides: no `[B, H, N, d]` copies. Query rows are
+/// taken in blocks so that the score matrix stays bounded (`rows × N`); blocks of all heads
+/// and samples are spread over the cores.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f32) -> Option<Result<Tensor>> {
+    if !(enabled() && matches!(q.device(), Device::Cpu) && q.dtype() == DType::F32 && q.rank() == 3) {
+        return None;
+    }
+    Some((|| {
+        let (b, n, c) = q.dims3()?;
+        if k.dims() != q.dims() || v.dims() != q.dims() || heads == 0 || c % heads != 0 {
+            candle_core::bail!("attention: q {:?}, k {:?}, v {:?}, {heads} heads", q.dims(), k.dims(), v.dims());
+        }
+        let d = c / heads;
+        let rows = (64 * 1024 / n.max(1)).clamp(1, n);
+        let blocks = n.div_ceil(rows);
+        let mut out = vec![0f32; b * n * c];
+        let dst = OutPtr(out.as_mut_ptr());
+        with_f32(q, |qs| {
+            with_f32(k, |ks| {
+                with_f32(v, |vs| {
+                    par_ranges(b * heads * blocks, |lo, hi| {
+                        let mut s = vec![0f32; rows * n];
+                        for item in lo..hi {
+                            let (bh, blk) = (item / blocks, item % blocks);
+                            let (bi, h) = (bh / heads, bh % heads);
+                            let r0 = blk * rows;
+                            let nr = rows.min(n - r0);
+                            let base = bi * n * c + h * d;
+                            let sc = &mut s[..nr * n];
+                            unsafe {
+                                // S (nr × n) = Q_h (nr × d) · K_hᵀ (d × n)
+                                gemm::gemm(
+                                    nr,
+                                    n,
+                                    d,
+                                    sc.as_mut_ptr(),
+                                    1,
+                                    n as isize,
+                                    false,
+                                    qs.as_ptr().add(base + r0 * c),
+                                    1,
+                                    c as isize,
+                                    ks.as_ptr().add(base),
+                                    c as isize,
+                                    1,
+                                    0.0,
+                                    1.0,
+                                    false,
+                                    false,
+                                    false,
+                                    gemm::Parallelism::None,
+                                );
+                            }
+                            for row in sc.chunks_exact_mut(n) {
+                                softmax_row(row, scale);
+                            }
+                            unsafe {
+                                // O_h (nr × d) = P (nr × n) · V_h (n × d), into [B, N, C]
+                                gemm::gemm(
+                                    nr,
+                                    d,
+                                    n,
+                                    dst.at(base + r0 * c),
+                                    1,
+                                    c as isize,
+                                    false,
+                                    sc.as_ptr(),
+                                    1,
+                                    n as isize,
+                                    vs.as_ptr().add(base),
+                                    1,
+                                    c as isize,
+                                    0.0,
+                                    1.0,
+                                    false,
+                                    false,
+                                    false,
+                                    gemm::Parallelism::None,
+                                );
+                            }
+                        }
+                    });
+                    Ok(())
+                })
+            })
+        })?;
+        Tensor::from_vec(out, (b, n, c), q.device())
     })())
 }
 
@@ -173,8 +744,8 @@ pub fn group_norm(
                 let g = (first + j) % groups;
                 let (mut sum, mut sq) = (0f64, 0f64);
                 for plane in grp.chunks(hw) {
-                    let (s, q) = plane.iter().fold((0f32, 0f32), |(s, q), &v| (s + v, q + v * v));
-                    // f32 partial sums per plane (≤ a few 100k values), f64 across planes
+                    // f32 partial sums per plane (16 lanes of ≤ a few 10k values each), f64 across planes
+                    let (s, q) = sums(plane);
                     sum += s as f64;
                     sq += q as f64;
                 }
@@ -187,10 +758,7 @@ pub fn group_norm(
                     let scale = (gamma[ch] as f64 * inv) as f32;
                     let shift = (beta[ch] as f64 - mean * gamma[ch] as f64 * inv) as f32;
                     if silu {
-                        for v in plane.iter_mut() {
-                            let y = *v * scale + shift;
-                            *v = y / (1.0 + (-y).exp());
-                        }
+                        affine_silu(plane, scale, shift);
                     } else {
                         for v in plane.iter_mut() {
                             *v = *v * scale + shift;
@@ -209,7 +777,7 @@ mod tests {
     use candle_core::Module;
 
     #[test]
-    fn direct_convolution_matches_candle() -> Result<()> {
+    fn blocked_gemm_convolution_matches_candle() -> Result<()> {
         let dev = Device::Cpu;
         let cases = [
             (5, 7, 3, 1, 1, 13, 17),
@@ -220,6 +788,9 @@ mod tests {
             // stride 2, as Downsample2D (input padded right/bottom beforehand, conv padding 0)
             (8, 8, 3, 0, 2, 13, 18),
             (3, 5, 3, 1, 2, 12, 9),
+            // large enough for several row blocks per thread, and a one-pixel-wide image
+            (32, 16, 3, 1, 1, 70, 90),
+            (4, 4, 3, 1, 1, 9, 1),
         ];
         for &(cin, cout, k, pad, stride, h, w) in &cases {
             let x = Tensor::randn(0f32, 1., (2, cin, h, w), &dev)?;
@@ -233,6 +804,79 @@ mod tests {
             assert_eq!(fast.dims(), reference.dims(), "cin {cin} cout {cout} k {k} stride {stride}");
             let err = (fast - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(err < 1e-4, "cin {cin} cout {cout} k {k} stride {stride}: max |diff| {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn sub_pixel_upsample_convolution_matches_upsample_then_candle_conv() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(cin, cout, h, w) in &[(3usize, 5usize, 7usize, 9usize), (8, 8, 1, 1), (16, 12, 11, 6)] {
+            let x = Tensor::randn(0f32, 1., (2, cin, h, w), &dev)?;
+            let wt = Tensor::randn(0f32, 1., (cout, cin, 3, 3), &dev)?;
+            let bias = Tensor::randn(0f32, 1., cout, &dev)?;
+            let cfg = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };
+            let reference = candle_nn::Conv2d::new(wt.clone(), Some(bias.clone()), cfg)
+                .forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
+            let sp = SubPixelWeights::new(&wt.flatten_all()?.to_vec1::<f32>()?, cout, cin);
+            let fast = upsample2x_conv3x3(&x, &sp, Some(&bias.to_vec1::<f32>()?)).unwrap()?;
+            assert_eq!(fast.dims(), reference.dims());
+            let err = (fast - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err < 1e-4, "cin {cin} cout {cout} {h}x{w}: max |diff| {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fast_exp_is_within_three_ulps_of_libm() {
+        let mut worst = 0f32;
+        for i in -87_000..88_000 {
+            let x = i as f32 * 1e-3 + 1.234e-4;
+            let (a, b) = (exp(x), x.exp());
+            worst = worst.max(((a - b) / b).abs());
+        }
+        assert!(worst < 3e-7, "relative error {worst}");
+        // Clamped, never inf or NaN: softmax and SiLU of extreme values stay finite.
+        assert!(exp(-1000.0) >= 0.0 && exp(-1000.0) < 1e-37);
+        assert!(exp(1000.0).is_finite() && exp(1000.0) > 1e38);
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    #[test]
+    fn transformer_kernels_match_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, n, c, heads, out) = (2, 37, 48, 4, 20);
+        let x = Tensor::randn(0f32, 1., (b, n, c), &dev)?.affine(2.0, 3.0)?;
+        // linear (+ GELU)
+        let w = Tensor::randn(0f32, 0.3, (out, c), &dev)?;
+        let bias = Tensor::randn(0f32, 1., out, &dev)?;
+        let reference = candle_nn::Linear::new(w.clone(), Some(bias.clone())).forward(&x)?;
+        let (ws, bs) = (w.flatten_all()?.to_vec1::<f32>()?, bias.to_vec1::<f32>()?);
+        assert!(max_diff(&linear(&x, &ws, Some(&bs), out).unwrap()?, &reference)? < 1e-4);
+        assert!(max_diff(&linear_gelu(&x, &ws, &bs).unwrap()?, &reference.gelu()?)? < 1e-4);
+        // layer norm + modulate
+        let shift = Tensor::randn(0f32, 1., (b, c), &dev)?;
+        let scale = Tensor::randn(0f32, 1., (b, c), &dev)?;
+        let mean = x.mean_keepdim(2)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let normed = xc.broadcast_div(&(xc.sqr()?.mean_keepdim(2)? + 1e-6)?.sqrt()?)?;
+        let reference = normed.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)?;
+        assert!(max_diff(&layer_norm_modulate(&x, &shift, &scale, 1e-6).unwrap()?, &reference)? < 1e-4);
+        // attention: one block of query rows, and several (300² > the block budget)
+        for n in [37, 300] {
+            let q = Tensor::randn(0f32, 1., (b, n, c), &dev)?;
+            let k = Tensor::randn(0f32, 1., (b, n, c), &dev)?;
+            let v = Tensor::randn(0f32, 1., (b, n, c), &dev)?;
+            let d = c / heads;
+            let split = |t: &Tensor| t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous();
+            let s = (split(&q)?.matmul(&split(&k)?.t()?)? * (1.0 / (d as f64).sqrt()))?;
+            let reference =
+                candle_nn::ops::softmax_last_dim(&s)?.matmul(&split(&v)?)?.transpose(1, 2)?.reshape((b, n, c))?;
+            let fast = attention(&q, &k, &v, heads, 1.0 / (d as f32).sqrt()).unwrap()?;
+            assert!(max_diff(&fast, &reference)? < 1e-5, "{n} tokens");
         }
         Ok(())
     }

@@ -7,7 +7,10 @@
 //! at least f32.
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+
+use super::cpu_ops;
+use super::layers::{self, Conv, Gn, Lin};
 
 /// diffusers `SD3Transformer2DModel` config (`transformer/config.json`); unknown keys are
 /// ignored, missing keys take diffusers' constructor defaults.
@@ -98,21 +101,29 @@ fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
 }
 
+/// `modulate(layer_norm(x), shift, scale)`: one pass on the CPU in f32.
+fn norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    if let Some(r) = cpu_ops::layer_norm_modulate(x, shift, scale, LN_EPS) {
+        return r;
+    }
+    modulate(&layer_norm(x, LN_EPS)?, shift, scale)
+}
+
 /// diffusers `AdaLayerNormZero`: returns (normed+modulated x, gate_msa, shift_mlp, scale_mlp, gate_mlp).
 #[derive(Debug, Clone)]
 struct AdaLayerNormZero {
-    linear: Linear,
+    linear: Lin,
 }
 
 impl AdaLayerNormZero {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { linear: candle_nn::linear(dim, 6 * dim, vb.pp("linear"))? })
+        Ok(Self { linear: layers::linear(dim, 6 * dim, vb.pp("linear"))? })
     }
 
     fn forward(&self, x: &Tensor, temb_silu: &Tensor) -> Result<[Tensor; 5]> {
         let emb = self.linear.forward(temb_silu)?;
         let c = emb.chunk(6, 1)?;
-        let xn = modulate(&layer_norm(x, LN_EPS)?, &c[0], &c[1])?;
+        let xn = norm_modulate(x, &c[0], &c[1])?;
         Ok([xn, c[2].clone(), c[3].clone(), c[4].clone(), c[5].clone()])
     }
 }
@@ -120,61 +131,61 @@ impl AdaLayerNormZero {
 /// diffusers `AdaLayerNormContinuous` (layer_norm, no affine): note scale comes before shift.
 #[derive(Debug, Clone)]
 struct AdaLayerNormContinuous {
-    linear: Linear,
+    linear: Lin,
 }
 
 impl AdaLayerNormContinuous {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { linear: candle_nn::linear(dim, 2 * dim, vb.pp("linear"))? })
+        Ok(Self { linear: layers::linear(dim, 2 * dim, vb.pp("linear"))? })
     }
 
     fn forward(&self, x: &Tensor, temb_silu: &Tensor) -> Result<Tensor> {
         let emb = self.linear.forward(temb_silu)?;
         let c = emb.chunk(2, 1)?;
-        modulate(&layer_norm(x, LN_EPS)?, &c[1], &c[0])
+        norm_modulate(x, &c[1], &c[0])
     }
 }
 
 /// diffusers `FeedForward(dim, activation_fn="gelu-approximate")`.
 #[derive(Debug, Clone)]
 struct FeedForward {
-    proj_in: Linear,
-    proj_out: Linear,
+    proj_in: Lin,
+    proj_out: Lin,
 }
 
 impl FeedForward {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let hidden = vb.get_unchecked("net.0.proj.weight")?.dim(0)?;
         Ok(Self {
-            proj_in: candle_nn::linear(dim, hidden, vb.pp("net.0.proj"))?,
-            proj_out: candle_nn::linear(hidden, dim, vb.pp("net.2"))?,
+            proj_in: layers::linear(dim, hidden, vb.pp("net.0.proj"))?,
+            proj_out: layers::linear(hidden, dim, vb.pp("net.2"))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // candle's `gelu` is the tanh approximation, as torch `GELU(approximate="tanh")`.
-        self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?)
+        self.proj_out.forward(&self.proj_in.forward_gelu(x)?)
     }
 }
 
 /// diffusers `Attention` with `JointAttnProcessor2_0` (image tokens first, then context).
 #[derive(Debug, Clone)]
 struct JointAttention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    add_q: Linear,
-    add_k: Linear,
-    add_v: Linear,
-    to_out: Linear,
-    to_add_out: Option<Linear>,
+    to_q: Lin,
+    to_k: Lin,
+    to_v: Lin,
+    add_q: Lin,
+    add_k: Lin,
+    add_v: Lin,
+    to_out: Lin,
+    to_add_out: Option<Lin>,
     heads: usize,
     head_dim: usize,
 }
 
 impl JointAttention {
     fn new(dim: usize, heads: usize, context_pre_only: bool, vb: VarBuilder) -> Result<Self> {
-        let l = |n: &str| candle_nn::linear(dim, dim, vb.pp(n));
+        let l = |n: &str| layers::linear(dim, dim, vb.pp(n));
         Ok(Self {
             to_q: l("to_q")?,
             to_k: l("to_k")?,
@@ -202,11 +213,14 @@ impl JointAttention {
         let k = Tensor::cat(&[self.to_k.forward(x)?, self.add_k.forward(ctx)?], 1)?;
         let v = Tensor::cat(&[self.to_v.forward(x)?, self.add_v.forward(ctx)?], 1)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = (self.heads(&q)? * scale)?;
-        let k = self.heads(&k)?;
-        let v = self.heads(&v)?;
-        let out = sdpa(&q, &k, &v)?; // [B, H, N, D]
-        let out = out.transpose(1, 2)?.reshape((b, n_img + n_ctx, dim))?;
+        let out = match cpu_ops::attention(&q, &k, &v, self.heads, scale as f32) {
+            Some(r) => r?, // [B, N, H*D], heads read in place
+            None => {
+                let q = (self.heads(&q)? * scale)?;
+                let out = sdpa(&q, &self.heads(&k)?, &self.heads(&v)?)?; // [B, H, N, D]
+                out.transpose(1, 2)?.reshape((b, n_img + n_ctx, dim))?
+            }
+        };
         let img = self.to_out.forward(&out.narrow(1, 0, n_img)?.contiguous()?)?;
         let ctx_out = match &self.to_add_out {
             Some(l) => Some(l.forward(&out.narrow(1, n_img, n_ctx)?.contiguous()?)?),
@@ -291,12 +305,12 @@ impl JointBlock {
         };
         let (attn, ctx_attn) = self.attn.forward(&nx, &nctx)?;
         let x = (x + attn.broadcast_mul(&gate_msa.unsqueeze(1)?)?)?;
-        let nx = modulate(&layer_norm(&x, LN_EPS)?, &shift_mlp, &scale_mlp)?;
+        let nx = norm_modulate(&x, &shift_mlp, &scale_mlp)?;
         let x = (&x + self.ff.forward(&nx)?.broadcast_mul(&gate_mlp.unsqueeze(1)?)?)?;
         let ctx = match (cmods, ctx_attn, &self.ff_context) {
             (Some((g, sh, sc, gm)), Some(ca), Some(ff)) => {
                 let ctx = (ctx + ca.broadcast_mul(&g.unsqueeze(1)?)?)?;
-                let nc = modulate(&layer_norm(&ctx, LN_EPS)?, &sh, &sc)?;
+                let nc = norm_modulate(&ctx, &sh, &sc)?;
                 Some((&ctx + ff.forward(&nc)?.broadcast_mul(&gm.unsqueeze(1)?)?)?)
             }
             _ => None,
@@ -308,7 +322,7 @@ impl JointBlock {
 /// DPIR's LQ branch: Conv3×3 → GN(4) → Conv3×3/2 → GN(8) → Conv3×3 → GN(8), no activations.
 #[derive(Debug, Clone)]
 struct ControlConv {
-    layers: Vec<(Conv2d, GroupNorm)>,
+    layers: Vec<(Conv, Gn)>,
 }
 
 impl ControlConv {
@@ -324,8 +338,8 @@ impl ControlConv {
             }
             let b = vb.get(cout, &format!("{idx}.bias"))?;
             let _ = cin;
-            let conv = Conv2d::new(w, Some(b), Conv2dConfig { padding: 1, stride, ..Default::default() });
-            let gn = candle_nn::group_norm(groups, cout, GN_EPS, vb.pp(idx + 1))?;
+            let conv = Conv::new(Conv2d::new(w, Some(b), Conv2dConfig { padding: 1, stride, ..Default::default() }))?;
+            let gn = layers::group_norm(groups, cout, GN_EPS, vb.pp(idx + 1))?;
             layers.push((conv, gn));
         }
         Ok(Self { layers })
@@ -365,17 +379,17 @@ pub struct DpirDebug {
 #[derive(Debug, Clone)]
 pub struct DpirTransformer {
     cfg: DpirTransformerConfig,
-    patch_proj: Conv2d,
+    patch_proj: Conv,
     /// [max, max, inner]
     pos_embed: Tensor,
-    t_linear_1: Linear,
-    t_linear_2: Linear,
-    p_linear_1: Linear,
-    p_linear_2: Linear,
-    context_embedder: Linear,
+    t_linear_1: Lin,
+    t_linear_2: Lin,
+    p_linear_1: Lin,
+    p_linear_2: Lin,
+    context_embedder: Lin,
     blocks: Vec<JointBlock>,
     norm_out: AdaLayerNormContinuous,
-    proj_out: Linear,
+    proj_out: Lin,
     control: ControlConv,
     /// f32 frequencies of diffusers `Timesteps(256, flip_sin_to_cos=True, shift=0)`.
     freqs: Vec<f32>,
@@ -405,7 +419,7 @@ impl DpirTransformer {
             let vb = vb.pp("pos_embed.proj");
             let w = vb.get((inner, cfg.in_channels, p, p), "weight")?;
             let b = vb.get(inner, "bias")?;
-            Conv2d::new(w, Some(b), Conv2dConfig { stride: p, ..Default::default() })
+            Conv::new(Conv2d::new(w, Some(b), Conv2dConfig { stride: p, ..Default::default() }))?
         };
         let m = cfg.pos_embed_max_size;
         let pos_embed = vb.get((1, m * m, inner), "pos_embed.pos_embed")?.reshape((m, m, inner))?;
@@ -436,14 +450,14 @@ impl DpirTransformer {
             cfg: cfg.clone(),
             patch_proj,
             pos_embed,
-            t_linear_1: candle_nn::linear(TIME_PROJ_DIM, inner, tvb.pp("linear_1"))?,
-            t_linear_2: candle_nn::linear(inner, inner, tvb.pp("linear_2"))?,
-            p_linear_1: candle_nn::linear(cfg.pooled_projection_dim, inner, pvb.pp("linear_1"))?,
-            p_linear_2: candle_nn::linear(inner, inner, pvb.pp("linear_2"))?,
-            context_embedder: candle_nn::linear(cfg.joint_attention_dim, inner, vb.pp("context_embedder"))?,
+            t_linear_1: layers::linear(TIME_PROJ_DIM, inner, tvb.pp("linear_1"))?,
+            t_linear_2: layers::linear(inner, inner, tvb.pp("linear_2"))?,
+            p_linear_1: layers::linear(cfg.pooled_projection_dim, inner, pvb.pp("linear_1"))?,
+            p_linear_2: layers::linear(inner, inner, pvb.pp("linear_2"))?,
+            context_embedder: layers::linear(cfg.joint_attention_dim, inner, vb.pp("context_embedder"))?,
             blocks,
             norm_out: AdaLayerNormContinuous::new(inner, vb.pp("norm_out"))?,
-            proj_out: candle_nn::linear(inner, p * p * cfg.out_channels, vb.pp("proj_out"))?,
+            proj_out: layers::linear(inner, p * p * cfg.out_channels, vb.pp("proj_out"))?,
             control,
             freqs,
         })

@@ -6,12 +6,12 @@
 //! attention named `to_q/to_k/to_v/to_out.0` with one head, latent shift as well as scale.
 
 use candle_core::{D, DType, Module, Result, Tensor};
-use std::sync::Arc;
 
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::autoencoder::{Autoencoder, LatentDraw};
 use super::cpu_ops;
+use super::layers::{self, Conv, Gn, Lin};
 use super::tiling::{TileConfig, tiled_decode, tiled_encode};
 
 fn default_in_out() -> usize {
@@ -102,85 +102,11 @@ impl AutoencoderKlConfig {
 const GN_EPS: f64 = 1e-6;
 
 fn conv(cin: usize, cout: usize, k: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv> {
-    let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-    let inner = candle_nn::conv2d(cin, cout, k, cfg, vb)?;
-    let w = inner.weight();
-    let fast = if (stride == 1 || stride == 2) && w.device().is_cpu() && w.dtype() == DType::F32 {
-        let bias = inner.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
-        Some(Arc::new(FastConv { weight: w.flatten_all()?.to_vec1::<f32>()?, bias, k, padding, stride }))
-    } else {
-        None
-    };
-    Ok(Conv { inner, fast })
+    layers::conv(cin, cout, k, stride, padding, vb)
 }
 
-/// A `Conv2d` with the CPU f32 fast path of [`cpu_ops::conv2d`] (stride 1 and 2).
-#[derive(Debug, Clone)]
-struct Conv {
-    inner: Conv2d,
-    fast: Option<Arc<FastConv>>,
-}
-
-#[derive(Debug)]
-struct FastConv {
-    weight: Vec<f32>,
-    bias: Option<Vec<f32>>,
-    k: usize,
-    padding: usize,
-    stride: usize,
-}
-
-impl Module for Conv {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(f) = &self.fast
-            && let Some(r) = cpu_ops::conv2d(x, &f.weight, f.bias.as_deref(), f.k, f.padding, f.stride)
-        {
-            return r;
-        }
-        self.inner.forward(x)
-    }
-}
-
-/// Casts weights and inputs alike: the module runs in its weights' dtype.
 fn gn(groups: usize, ch: usize, vb: VarBuilder) -> Result<Gn> {
-    let (w, b) = (vb.get(ch, "weight")?, vb.get(ch, "bias")?);
-    let inner = GroupNorm::new(w.clone(), b.clone(), ch, groups, GN_EPS)?;
-    let fast = if w.device().is_cpu() && w.dtype() == DType::F32 {
-        Some(Arc::new((w.to_vec1::<f32>()?, b.to_vec1::<f32>()?)))
-    } else {
-        None
-    };
-    Ok(Gn { inner, fast, groups })
-}
-
-/// A `GroupNorm` with the CPU f32 fast path of [`cpu_ops::group_norm`], SiLU fused on demand.
-#[derive(Debug, Clone)]
-struct Gn {
-    inner: GroupNorm,
-    fast: Option<Arc<(Vec<f32>, Vec<f32>)>>,
-    groups: usize,
-}
-
-impl Gn {
-    fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        if let Some(f) = &self.fast
-            && let Some(r) = cpu_ops::group_norm(x, self.groups, &f.0, &f.1, GN_EPS, silu)
-        {
-            return r;
-        }
-        let y = self.inner.forward(x)?;
-        if silu { candle_nn::ops::silu(&y) } else { Ok(y) }
-    }
-    /// `silu(group_norm(x))`, the pre-activation of every resnet conv and of `conv_out`.
-    fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        self.run(x, true)
-    }
-}
-
-impl Module for Gn {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.run(x, false)
-    }
+    layers::group_norm(groups, ch, GN_EPS, vb)
 }
 
 #[derive(Debug, Clone)]
@@ -221,10 +147,10 @@ impl Module for ResnetBlock {
 #[derive(Debug, Clone)]
 struct AttnBlock {
     norm: Gn,
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: Lin,
+    to_k: Lin,
+    to_v: Lin,
+    to_out: Lin,
     channels: usize,
 }
 
@@ -236,10 +162,10 @@ impl AttnBlock {
     fn new(ch: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             norm: gn(groups, ch, vb.pp("group_norm"))?,
-            to_q: candle_nn::linear(ch, ch, vb.pp("to_q"))?,
-            to_k: candle_nn::linear(ch, ch, vb.pp("to_k"))?,
-            to_v: candle_nn::linear(ch, ch, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(ch, ch, vb.pp("to_out.0"))?,
+            to_q: layers::linear(ch, ch, vb.pp("to_q"))?,
+            to_k: layers::linear(ch, ch, vb.pp("to_k"))?,
+            to_v: layers::linear(ch, ch, vb.pp("to_v"))?,
+            to_out: layers::linear(ch, ch, vb.pp("to_out.0"))?,
             channels: ch,
         })
     }
@@ -254,6 +180,10 @@ impl Module for AttnBlock {
         let k = hs.apply(&self.to_k)?;
         let v = hs.apply(&self.to_v)?;
         let scale = 1.0 / (self.channels as f64).sqrt();
+        if let Some(o) = cpu_ops::attention(&q, &k, &v, 1, scale as f32) {
+            let o = o?.apply(&self.to_out)?.transpose(1, 2)?.reshape((b, c, h, w))?;
+            return o + x;
+        }
         let kt = k.t()?.contiguous()?;
         let dtype = x.dtype();
         let chunk = (ATTN_MAX_SCORES / l.max(1)).clamp(1, l.max(1));
@@ -331,8 +261,7 @@ impl Module for UpBlock {
             x = x.apply(r)?;
         }
         if let Some(u) = &self.up {
-            let (_, _, h, w) = x.dims4()?;
-            x = x.upsample_nearest2d(2 * h, 2 * w)?.apply(u)?;
+            x = u.forward_upsampled(&x)?;
         }
         Ok(x)
     }

@@ -37,44 +37,9 @@ def stlpips_model():
     return m.eval()
 
 
-def load_model(d):
-    from diffusers import AutoencoderKL
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-    mj = json.load(open(os.path.join(d, "model.json")))
-    tc = json.load(open(os.path.join(d, mj["transformer"]["config"])))
-    tr = M.DpirTransformer(**{k: v for k, v in tc.items() if not k.startswith("_")})
-    sd = load_file(os.path.join(d, mj["transformer"]["weights"][0]))
-    a = sd["control_conv.0.weight"].shape[0]; b = sd["control_conv.2.weight"].shape[0]
-    tr.add_control((a, b))
-    tr.load_state_dict({k: v.float() for k, v in sd.items()})
-    vc = json.load(open(os.path.join(d, mj["vae"]["config"])))
-    vae = AutoencoderKL(**{k: v for k, v in vc.items() if not k.startswith("_")})
-    vae.load_state_dict({k: v.float() for k, v in load_file(os.path.join(d, mj["vae"]["weights"][0])).items()})
-    pe = M.PromptEncoder()
-    for name, tower in [("image_encoder_one", "one"), ("image_encoder_two", "two")]:
-        c = json.load(open(os.path.join(d, mj[name]["config"])))
-        m = CLIPVisionModelWithProjection(CLIPVisionConfig(**c))
-        m.load_state_dict({k: v.float() for k, v in load_file(os.path.join(d, mj[name]["weights"][0])).items()})
-        setattr(pe, tower, m)
-    return mj, tr.eval(), vae.eval(), pe.eval()
-
-
-@torch.no_grad()
 def nano_restore(mj, tr, vae, pe, up_u8, seed=SEED, tile=0):
-    H, W = up_u8.shape[:2]
-    up = torch.from_numpy(up_u8).permute(2, 0, 1)[None].float() / 255.0
-    sf, sh = vae.config.scaling_factor, vae.config.shift_factor or 0.0
-    mean = vae.encoder(up * 2 - 1).chunk(2, dim=1)[0]
-    z_lq = (mean - sh) * sf
-    ctx, pooled = pe(up)
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(z_lq.shape, generator=g)
-    s = mj["sampler"]
-    tile = tile or tr.config.pos_embed_max_size * tr.config.patch_size  # the plugin's largest latent tile
-    z = M.sample(tr, z_lq, ctx, pooled, noise, s["default_steps"], s["shift"], tile=tile, overlap=min(8, tile // 4))
-    dec = vae.decoder(z / sf + sh)
-    out01 = ((dec + 1) / 2).clamp(0, 1)
-    wav = M.wavelet_color_fix(out01, up).clamp(0, 1)
+    """dpir-nano on one frame already at the output size: (no colour fix, wavelet) as uint8."""
+    out01, wav = M.nano_restore(mj, tr, vae, pe, up_u8, seed=seed, tile=tile)
     to8 = lambda t: (t[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     return to8(out01), to8(wav)
 
@@ -135,7 +100,7 @@ def main():
     if a.limit:
         files = files[:a.limit]
     lp = stlpips_model()
-    mj, tr, vae, pe = load_model(a.model)
+    mj, tr, vae, pe = M.load_model(a.model)
     if a.steps:
         mj["sampler"]["default_steps"] = a.steps
     methods = ["lanczos", "hqdn3d+lanczos", "nlmeans+lanczos", "nano", "nano+wavelet", "ae round trip of HQ"]

@@ -220,3 +220,54 @@ def set_lr(opt, lr):
 
 def count(m):
     return sum(p.numel() for p in m.parameters())
+
+
+# ---- the exported model and the plugin's per-frame path (eval.py, benches/compare_pytorch.py) ----
+
+def load_model(d):
+    """dpir-nano's exported files (model.json and the f16 safetensors, upcast to f32): what the
+    Rust loader reads. Returns (manifest, transformer, vae, prompt encoder)."""
+    import json, os
+    from safetensors.torch import load_file
+    mj = json.load(open(os.path.join(d, "model.json")))
+    tc = json.load(open(os.path.join(d, mj["transformer"]["config"])))
+    tr = DpirTransformer(**{k: v for k, v in tc.items() if not k.startswith("_")})
+    sd = load_file(os.path.join(d, mj["transformer"]["weights"][0]))
+    a = sd["control_conv.0.weight"].shape[0]; b = sd["control_conv.2.weight"].shape[0]
+    tr.add_control((a, b))
+    tr.load_state_dict({k: v.float() for k, v in sd.items()})
+    vc = json.load(open(os.path.join(d, mj["vae"]["config"])))
+    vae = AutoencoderKL(**{k: v for k, v in vc.items() if not k.startswith("_")})
+    vae.load_state_dict({k: v.float() for k, v in load_file(os.path.join(d, mj["vae"]["weights"][0])).items()})
+    pe = PromptEncoder()
+    for name, tower in [("image_encoder_one", "one"), ("image_encoder_two", "two")]:
+        c = json.load(open(os.path.join(d, mj[name]["config"])))
+        m = CLIPVisionModelWithProjection(CLIPVisionConfig(**c))
+        m.load_state_dict({k: v.float() for k, v in load_file(os.path.join(d, mj[name]["weights"][0])).items()})
+        setattr(pe, tower, m)
+    return mj, tr.eval(), vae.eval(), pe.eval()
+
+
+@torch.no_grad()
+def nano_restore(mj, tr, vae, pe, up_u8, seed=2025, tile=0, noise=None):
+    """The plugin's per-frame path in PyTorch, for one frame already at the output size (sides
+    multiples of 16): posterior-mode LQ latent, prompts, seeded (or given) initial noise, the
+    sampler with the plugin's latent tiles, decode, wavelet colour fix. Returns (no colour fix,
+    wavelet), NCHW floats in [0, 1]."""
+    H, W = up_u8.shape[:2]
+    up = torch.from_numpy(up_u8).permute(2, 0, 1)[None].float() / 255.0
+    sf, sh = vae.config.scaling_factor, vae.config.shift_factor or 0.0
+    mean = vae.encoder(up * 2 - 1).chunk(2, dim=1)[0]
+    z_lq = (mean - sh) * sf
+    ctx, pooled = pe(up)
+    if noise is None:
+        noise = torch.randn(z_lq.shape, generator=torch.Generator().manual_seed(seed))
+    s = mj["sampler"]
+    # The plugin's latent tiles: model.json's, else the largest its position table takes.
+    tile = tile or s.get("tile_size") or tr.config.pos_embed_max_size * tr.config.patch_size
+    overlap = s.get("tile_overlap", min(8, tile // 4))
+    z = sample(tr, z_lq, ctx, pooled, noise, s["default_steps"], s["shift"], tile=tile, overlap=overlap)
+    dec = vae.decoder(z / sf + sh)
+    out01 = ((dec + 1) / 2).clamp(0, 1)
+    wav = wavelet_color_fix(out01, up).clamp(0, 1)
+    return out01, wav
