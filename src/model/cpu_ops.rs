@@ -136,12 +136,51 @@ unsafe fn gemm_acc(
 }
 
 /// Output rows per im2col block: the patch matrix (`k_len × rows·wo` floats) near 512 KiB, so
-/// that it stays in cache between its writing and the GEMM reading it.
+/// that it stays in cache between its writing and the GEMM reading it. (Measured side by side on
+/// the bench's medium VAE: 1 MiB blocks, or a minimum of 256–512 columns per block, were no
+/// better and mostly slower.)
 fn block_rows(k_len: usize, wo: usize, ho: usize) -> usize {
     ((128 * 1024) / (k_len * wo).max(1)).clamp(1, ho.max(1))
 }
 
-/// A `k × k` convolution with `pad` zero padding and stride 1 or 2, groups 1, dilation 1, on
+/// Zero padding of a convolution's input: rows above and below, columns left and right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Padding {
+    pub top: usize,
+    pub bottom: usize,
+    pub left: usize,
+    pub right: usize,
+}
+
+impl Padding {
+    pub fn same(p: usize) -> Self {
+        Self { top: p, bottom: p, left: p, right: p }
+    }
+}
+
+/// One row of the patch matrix: `out[x] = src[x·s + off − pad]` (zero outside `src`), for
+/// stride `s` 1 or 2: zeros, one contiguous (s = 1) or strided run, zeros.
+#[inline]
+fn gather_row(out: &mut [f32], src: &[f32], s: usize, off: usize, pad: usize) {
+    let (wo, w) = (out.len(), src.len());
+    // valid x: 0 <= x·s + off − pad < w
+    let x0 = pad.saturating_sub(off).div_ceil(s).min(wo);
+    let x1 = if w + pad > off { ((w + pad - off - 1) / s + 1).min(wo).max(x0) } else { x0 };
+    out[..x0].fill(0.0);
+    if x1 > x0 {
+        let start = x0 * s + off - pad;
+        if s == 1 {
+            out[x0..x1].copy_from_slice(&src[start..start + (x1 - x0)]);
+        } else {
+            for (o, &v) in out[x0..x1].iter_mut().zip(src[start..].iter().step_by(s)) {
+                *o = v;
+            }
+        }
+    }
+    out[x1..].fill(0.0);
+}
+
+/// A `k × k` convolution with zero padding `pad` and stride 1 or 2, groups 1, dilation 1, on
 /// NCHW f32. `weight` is `[cout, cin, k, k]` row-major (= `[cout, cin·k·k]`), `bias` `[cout]`.
 /// Returns `None` where the fast path does not apply (not CPU f32 NCHW, or another stride).
 pub fn conv2d(
@@ -149,7 +188,7 @@ pub fn conv2d(
     weight: &[f32],
     bias: Option<&[f32]>,
     k: usize,
-    pad: usize,
+    pad: Padding,
     stride: usize,
 ) -> Option<Result<Tensor>> {
     if !cpu_f32(x) || !(stride == 1 || stride == 2) {
@@ -159,11 +198,12 @@ pub fn conv2d(
         let (b, cin, h, w) = x.dims4()?;
         let k_len = cin * k * k;
         let cout = weight.len() / k_len.max(1);
-        if cout * k_len != weight.len() || h + 2 * pad < k || w + 2 * pad < k {
+        let (hp, wp) = (h + pad.top + pad.bottom, w + pad.left + pad.right);
+        if cout * k_len != weight.len() || hp < k || wp < k {
             candle_core::bail!("conv2d: weight of {} values for {cin} input channels, k {k}", weight.len());
         }
         let s = stride;
-        let (ho, wo) = ((h + 2 * pad - k) / s + 1, (w + 2 * pad - k) / s + 1);
+        let (ho, wo) = ((hp - k) / s + 1, (wp - k) / s + 1);
         let plane = ho * wo;
         let mut out = vec![0f32; b * cout * plane];
         for (co, p) in out.chunks_mut(plane).enumerate() {
@@ -171,7 +211,7 @@ pub fn conv2d(
         }
         with_f32(x, |xs| {
             let dst = OutPtr(out.as_mut_ptr());
-            if k == 1 && pad == 0 && s == 1 {
+            if k == 1 && pad == Padding::same(0) && s == 1 {
                 // 1×1: the input planes are the patch matrix already.
                 par_ranges(b * plane.div_ceil(4096), |lo, hi| {
                     let blocks = plane.div_ceil(4096);
@@ -211,23 +251,11 @@ pub fn conv2d(
                                 let r = &mut col[((ci * k + ky) * k + kx) * npos..][..npos];
                                 for (yy, orow) in r.chunks_mut(wo).enumerate() {
                                     let iy = (y0 + yy) * s + ky;
-                                    if iy < pad || iy - pad >= h {
+                                    if iy < pad.top || iy - pad.top >= h {
                                         orow.fill(0.0);
-                                        continue;
-                                    }
-                                    let irow = &chan[(iy - pad) * w..(iy - pad + 1) * w];
-                                    if s == 1 {
-                                        // output x reads input x + kx - pad, inside [0, w)
-                                        let x0 = pad.saturating_sub(kx).min(wo);
-                                        let x1 = wo.min((w + pad).saturating_sub(kx)).max(x0);
-                                        orow[..x0].fill(0.0);
-                                        orow[x0..x1].copy_from_slice(&irow[x0 + kx - pad..x1 + kx - pad]);
-                                        orow[x1..].fill(0.0);
                                     } else {
-                                        for (xo, o) in orow.iter_mut().enumerate() {
-                                            let ix = xo * s + kx;
-                                            *o = if ix < pad || ix - pad >= w { 0.0 } else { irow[ix - pad] };
-                                        }
+                                        let irow = &chan[(iy - pad.top) * w..(iy - pad.top + 1) * w];
+                                        gather_row(orow, irow, s, kx, pad.left);
                                     }
                                 }
                             }
@@ -627,6 +655,38 @@ pub fn layer_norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64)
     })())
 }
 
+/// `x + y · gate[:, None, :]` for `x`, `y` `[B, N, C]` and `gate` `[B, C]` (a transformer
+/// block's gated residual), CPU f32, in one pass.
+pub fn add_gated(x: &Tensor, y: &Tensor, gate: &Tensor) -> Option<Result<Tensor>> {
+    if !(enabled() && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.rank() == 3) {
+        return None;
+    }
+    Some((|| {
+        let (b, n, c) = x.dims3()?;
+        if y.dims() != x.dims() || gate.elem_count() != b * c {
+            candle_core::bail!("add_gated: x {:?}, y {:?}, gate {:?}", x.dims(), y.dims(), gate.dims());
+        }
+        let g = gate.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; b * n * c];
+        with_f32(x, |xs| {
+            with_f32(y, |ys| {
+                par_chunks(&mut out, b * n, |first, chunk| {
+                    for (j, row) in chunk.chunks_exact_mut(c).enumerate() {
+                        let r = first + j;
+                        let gb = &g[(r / n) * c..(r / n + 1) * c];
+                        let (xr, yr) = (&xs[r * c..(r + 1) * c], &ys[r * c..(r + 1) * c]);
+                        for (((o, &a), &bv), &gv) in row.iter_mut().zip(xr).zip(yr).zip(gb) {
+                            *o = a + bv * gv;
+                        }
+                    }
+                });
+                Ok(())
+            })
+        })?;
+        Tensor::from_vec(out, (b, n, c), x.device())
+    })())
+}
+
 /// Multi-head attention `softmax(q kᵀ · scale) v` on `[B, N, heads·d]` tensors (CPU f32), the
 /// heads read and written in place through strides: no `[B, H, N, d]` copies. Query rows are
 /// taken in blocks so that the score matrix stays bounded (`rows × N`); blocks of all heads
@@ -641,7 +701,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f32) -
             candle_core::bail!("attention: q {:?}, k {:?}, v {:?}, {heads} heads", q.dims(), k.dims(), v.dims());
         }
         let d = c / heads;
-        let rows = (64 * 1024 / n.max(1)).clamp(1, n);
+        // ~2 MiB of scores per block: K_h is packed once per block, so blocks must not be thin.
+        let rows = (512 * 1024 / n.max(1)).clamp(1, n);
         let blocks = n.div_ceil(rows);
         let mut out = vec![0f32; b * n * c];
         let dst = OutPtr(out.as_mut_ptr());
@@ -800,10 +861,23 @@ mod tests {
             let reference = candle_nn::Conv2d::new(wt.clone(), Some(bias.clone()), cfg).forward(&x)?;
             let ws = wt.flatten_all()?.to_vec1::<f32>()?;
             let bs = bias.to_vec1::<f32>()?;
-            let fast = conv2d(&x, &ws, Some(&bs), k, pad, stride).unwrap()?;
+            let fast = conv2d(&x, &ws, Some(&bs), k, Padding::same(pad), stride).unwrap()?;
             assert_eq!(fast.dims(), reference.dims(), "cin {cin} cout {cout} k {k} stride {stride}");
             let err = (fast - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(err < 1e-4, "cin {cin} cout {cout} k {k} stride {stride}: max |diff| {err}");
+        }
+        // Downsample2D: pad right and bottom by one, stride 2, no conv padding.
+        for (h, w) in [(13, 18), (8, 9), (2, 3)] {
+            let x = Tensor::randn(0f32, 1., (1, 6, h, w), &dev)?;
+            let wt = Tensor::randn(0f32, 1., (4, 6, 3, 3), &dev)?;
+            let cfg = candle_nn::Conv2dConfig { stride: 2, ..Default::default() };
+            let padded = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+            let reference = candle_nn::Conv2d::new(wt.clone(), None, cfg).forward(&padded)?;
+            let pad = Padding { top: 0, bottom: 1, left: 0, right: 1 };
+            let fast = conv2d(&x, &wt.flatten_all()?.to_vec1::<f32>()?, None, 3, pad, 2).unwrap()?;
+            assert_eq!(fast.dims(), reference.dims());
+            let err = (fast - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err < 1e-4, "{h}x{w}: max |diff| {err}");
         }
         Ok(())
     }
@@ -865,6 +939,10 @@ mod tests {
         let normed = xc.broadcast_div(&(xc.sqr()?.mean_keepdim(2)? + 1e-6)?.sqrt()?)?;
         let reference = normed.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)?;
         assert!(max_diff(&layer_norm_modulate(&x, &shift, &scale, 1e-6).unwrap()?, &reference)? < 1e-4);
+        // gated residual
+        let y = Tensor::randn(0f32, 1., (b, n, c), &dev)?;
+        let reference = (&x + y.broadcast_mul(&shift.unsqueeze(1)?)?)?;
+        assert!(max_diff(&add_gated(&x, &y, &shift).unwrap()?, &reference)? < 1e-5);
         // attention: one block of query rows, and several (300² > the block budget)
         for n in [37, 300] {
             let q = Tensor::randn(0f32, 1., (b, n, c), &dev)?;

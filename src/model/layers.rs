@@ -26,7 +26,7 @@ struct FastConv {
     weight: Vec<f32>,
     bias: Option<Vec<f32>>,
     k: usize,
-    padding: usize,
+    padding: cpu_ops::Padding,
     stride: usize,
     /// For 3×3 / padding 1 convolutions: the same convolution applied after a nearest ×2
     /// upsampling, as four 2×2 kernels on the input.
@@ -51,7 +51,8 @@ impl Conv {
             let weight = w.flatten_all()?.to_vec1::<f32>()?;
             let sub_pixel = (kh == 3 && cfg.stride == 1 && cfg.padding == 1)
                 .then(|| cpu_ops::SubPixelWeights::new(&weight, cout, cin));
-            Some(Arc::new(FastConv { weight, bias, k: kh, padding: cfg.padding, stride: cfg.stride, sub_pixel }))
+            let padding = cpu_ops::Padding::same(cfg.padding);
+            Some(Arc::new(FastConv { weight, bias, k: kh, padding, stride: cfg.stride, sub_pixel }))
         } else {
             None
         };
@@ -72,6 +73,18 @@ impl Conv {
 
     pub fn weight(&self) -> &Tensor {
         self.inner.weight()
+    }
+
+    /// `self(x)` on `x` zero-padded by one row below and one column right first (diffusers'
+    /// `Downsample2D` with `padding=0`), without the padded copy on the fast path.
+    pub fn forward_pad_right_bottom(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(f) = &self.fast {
+            let p = cpu_ops::Padding { bottom: f.padding.bottom + 1, right: f.padding.right + 1, ..f.padding };
+            if let Some(r) = cpu_ops::conv2d(x, &f.weight, f.bias.as_deref(), f.k, p, f.stride) {
+                return r;
+            }
+        }
+        x.pad_with_zeros(candle_core::D::Minus1, 0, 1)?.pad_with_zeros(candle_core::D::Minus2, 0, 1)?.apply(self)
     }
 }
 

@@ -101,6 +101,14 @@ fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
 }
 
+/// `x + y · gate[:, None]` (gated residual); one pass on the CPU in f32.
+fn add_gated(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    if let Some(r) = cpu_ops::add_gated(x, y, gate) {
+        return r;
+    }
+    x + y.broadcast_mul(&gate.unsqueeze(1)?)?
+}
+
 /// `modulate(layer_norm(x), shift, scale)`: one pass on the CPU in f32.
 fn norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     if let Some(r) = cpu_ops::layer_norm_modulate(x, shift, scale, LN_EPS) {
@@ -304,14 +312,14 @@ impl JointBlock {
             ContextNorm::Continuous(n) => (n.forward(ctx, temb_silu)?, None),
         };
         let (attn, ctx_attn) = self.attn.forward(&nx, &nctx)?;
-        let x = (x + attn.broadcast_mul(&gate_msa.unsqueeze(1)?)?)?;
+        let x = add_gated(x, &attn, &gate_msa)?;
         let nx = norm_modulate(&x, &shift_mlp, &scale_mlp)?;
-        let x = (&x + self.ff.forward(&nx)?.broadcast_mul(&gate_mlp.unsqueeze(1)?)?)?;
+        let x = add_gated(&x, &self.ff.forward(&nx)?, &gate_mlp)?;
         let ctx = match (cmods, ctx_attn, &self.ff_context) {
             (Some((g, sh, sc, gm)), Some(ca), Some(ff)) => {
-                let ctx = (ctx + ca.broadcast_mul(&g.unsqueeze(1)?)?)?;
+                let ctx = add_gated(ctx, &ca, &g)?;
                 let nc = norm_modulate(&ctx, &sh, &sc)?;
-                Some((&ctx + ff.forward(&nc)?.broadcast_mul(&gm.unsqueeze(1)?)?)?)
+                Some(add_gated(&ctx, &ff.forward(&nc)?, &gm)?)
             }
             _ => None,
         };

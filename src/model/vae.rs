@@ -5,7 +5,7 @@
 //! `quant_conv`/`post_quant_conv` (but both are honoured when the config asks), mid-block
 //! attention named `to_q/to_k/to_v/to_out.0` with one head, latent shift as well as scale.
 
-use candle_core::{D, DType, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 
 use candle_nn::VarBuilder;
 
@@ -241,7 +241,7 @@ impl Module for DownBlock {
             x = x.apply(r)?;
         }
         if let Some(d) = &self.down {
-            x = x.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?.apply(d)?;
+            x = d.forward_pad_right_bottom(&x)?;
         }
         Ok(x)
     }
