@@ -18,7 +18,6 @@ use super::prompt::{ImagePromptEncoder, PromptConfig, TilingMode};
 use super::scheduler::FlowMatchEulerConfig;
 use super::t5::{T5Tokenizer, TextEncoder};
 use super::taesd::{Taesd, TaesdConfig};
-use super::tiling::TileConfig;
 use super::transformer::{DpirTransformer, DpirTransformerConfig};
 use super::vae::{AutoencoderKl, AutoencoderKlConfig};
 
@@ -156,22 +155,22 @@ impl DpirModel {
             .map_err(|e| model_err(&format!("transformer {}", m.transformer.weights.join(", ")), &files, e))?;
 
         let autoencoder: Box<dyn Autoencoder> = match &m.vae {
-            AutoencoderSpec::AutoencoderKl { config, weights } => {
+            AutoencoderSpec::AutoencoderKl { config, weights, tiling } => {
                 let cfg: AutoencoderKlConfig = files.config(config)?;
                 let vb = files.var_builder(weights, dtype, device)?;
                 Box::new(
                     AutoencoderKl::new(&cfg, vb)
                         .map_err(|e| model_err(&format!("vae {}", weights.join(", ")), &files, e))?
-                        .with_tiling(Some(TileConfig::default())),
+                        .with_tiling(Some(tiling.unwrap_or_default())),
                 )
             }
-            AutoencoderSpec::Taesd { encoder, decoder } => {
+            AutoencoderSpec::Taesd { encoder, decoder, tiling } => {
                 let enc = files.var_builder(std::slice::from_ref(encoder), dtype, device)?;
                 let dec = files.var_builder(std::slice::from_ref(decoder), dtype, device)?;
                 Box::new(
                     Taesd::new(&TaesdConfig::default(), Some(enc), Some(dec))
                         .map_err(|e| model_err(&format!("taesd {encoder}, {decoder}"), &files, e))?
-                        .with_tiling(Some(TileConfig::default())),
+                        .with_tiling(Some(tiling.unwrap_or_default())),
                 )
             }
         };

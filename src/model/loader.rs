@@ -20,7 +20,9 @@
 //!   "sha256": {"transformer/diffusion_pytorch_model.safetensors": "…"}
 //! }
 //! ```
-//! `vae` may instead be `{"kind": "taesd", "encoder": "…", "decoder": "…"}`. `text_encoder`
+//! `vae` may instead be `{"kind": "taesd", "encoder": "…", "decoder": "…"}`; either may carry
+//! `"tiling": {"tile": 128, "overlap": 16, "halo": 16}` (latent units) for frames larger than
+//! one tile. `text_encoder`
 //! may be `null` or absent: the text slots are then zeros (DPIR's unconditional text input).
 
 use std::borrow::Cow;
@@ -83,8 +85,19 @@ pub struct Component {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AutoencoderSpec {
-    AutoencoderKl { config: String, weights: Vec<String> },
-    Taesd { encoder: String, decoder: String },
+    AutoencoderKl {
+        config: String,
+        weights: Vec<String>,
+        /// Tiles for frames larger than one (latent units; default: DPIR's 1024-px cores).
+        #[serde(default)]
+        tiling: Option<crate::model::tiling::TileConfig>,
+    },
+    Taesd {
+        encoder: String,
+        decoder: String,
+        #[serde(default)]
+        tiling: Option<crate::model::tiling::TileConfig>,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -255,7 +268,7 @@ impl ModelFiles {
         v.extend(m.transformer.weights.iter().cloned());
         match &m.vae {
             AutoencoderSpec::AutoencoderKl { weights, .. } => v.extend(weights.iter().cloned()),
-            AutoencoderSpec::Taesd { encoder, decoder } => v.extend([encoder.clone(), decoder.clone()]),
+            AutoencoderSpec::Taesd { encoder, decoder, .. } => v.extend([encoder.clone(), decoder.clone()]),
         }
         v.extend(m.image_encoder_one.weights.iter().cloned());
         v.extend(m.image_encoder_two.weights.iter().cloned());

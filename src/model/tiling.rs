@@ -8,7 +8,7 @@
 //! the tile gets one window covering it (the official code slices with a negative start and then
 //! fails on the 128×128 weight mask), and the weights are built for the actual tile size.
 
-use candle_core::{DType, IndexOp, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// Tile geometry in latent pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,27 +127,96 @@ where
     if windows.len() == 1 && windows[0] == (LatentTile { y0: 0, y1: h, x0: 0, x1: w }) {
         return f(&[0], x)?.to_dtype(DType::F32);
     }
-    let dev = x.device();
     let (th, tw) = (windows[0].height(), windows[0].width());
     let weights: Vec<f32> = gaussian_weights(th, tw).into_iter().map(|v| v as f32).collect();
-    let wt = Tensor::from_vec(weights, (1, 1, th, tw), dev)?;
-    let mut acc = Tensor::zeros((b, c, h, w), DType::F32, dev)?;
-    let mut wsum = Tensor::zeros((1, 1, h, w), DType::F32, dev)?;
+    let mut acc = Accum::new((b, c, h, w), x.device())?;
     let idx: Vec<usize> = (0..windows.len()).collect();
     for group in idx.chunks(batch.max(1)) {
         let tiles = group.iter().map(|&i| windows[i].crop(x)).collect::<Result<Vec<_>>>()?;
         let pred = f(group, &Tensor::cat(&tiles, 0)?)?.to_dtype(DType::F32)?;
         for (k, &i) in group.iter().enumerate() {
-            let t = windows[i];
-            let p = pred.narrow(0, k * b, b)?.broadcast_mul(&wt)?;
-            let (ry, rx) = (t.y0..t.y1, t.x0..t.x1);
-            let region = t.crop(&acc)?;
-            acc = acc.slice_assign(&[0..b, 0..c, ry.clone(), rx.clone()], &(region + p)?)?;
-            let wregion = t.crop(&wsum)?;
-            wsum = wsum.slice_assign(&[0..1, 0..1, ry, rx], &wregion.broadcast_add(&wt)?)?;
+            acc.add(&pred.narrow(0, k * b, b)?, &weights, windows[i].y0, windows[i].x0)?;
         }
     }
-    acc.broadcast_div(&wsum)
+    acc.finish()
+}
+
+/// A weighted sum of overlapping tile results and of their weights, normalised at the end. On
+/// the CPU in plain vectors: candle's `slice_assign` copies the whole accumulator for every
+/// tile, which makes a 4K frame's thousand latent tiles cost O(tiles × frame). Elsewhere
+/// (CUDA) with tensors.
+enum Accum {
+    Host { acc: Vec<f32>, wsum: Vec<f32>, shape: (usize, usize, usize, usize) },
+    Device { acc: Tensor, wsum: Tensor },
+}
+
+impl Accum {
+    fn new(shape: (usize, usize, usize, usize), dev: &candle_core::Device) -> Result<Self> {
+        let (b, c, h, w) = shape;
+        Ok(if dev.is_cpu() {
+            Accum::Host { acc: vec![0f32; b * c * h * w], wsum: vec![0f32; h * w], shape }
+        } else {
+            Accum::Device {
+                acc: Tensor::zeros(shape, DType::F32, dev)?,
+                wsum: Tensor::zeros((1, 1, h, w), DType::F32, dev)?,
+            }
+        })
+    }
+
+    /// Add `tile` (`[B, C, th, tw]`, f32) with per-pixel weights `weight` (`th × tw`) at `(y0, x0)`.
+    fn add(&mut self, tile: &Tensor, weight: &[f32], y0: usize, x0: usize) -> Result<()> {
+        let (tb, tc, th, tw) = tile.dims4()?;
+        match self {
+            Accum::Host { acc, wsum, shape: (b, c, h, w) } => {
+                if (tb, tc) != (*b, *c) || y0 + th > *h || x0 + tw > *w || weight.len() != th * tw {
+                    candle_core::bail!("tile {:?} at ({y0}, {x0}) does not fit {:?}", tile.dims(), (b, c, h, w));
+                }
+                let v = tile.flatten_all()?.to_vec1::<f32>()?;
+                for plane in 0..tb * tc {
+                    for y in 0..th {
+                        let src = &v[(plane * th + y) * tw..][..tw];
+                        let wrow = &weight[y * tw..][..tw];
+                        let dst = &mut acc[(plane * *h + y0 + y) * *w + x0..][..tw];
+                        for ((d, &s), &k) in dst.iter_mut().zip(src).zip(wrow) {
+                            *d += s * k;
+                        }
+                    }
+                }
+                for y in 0..th {
+                    let dst = &mut wsum[(y0 + y) * *w + x0..][..tw];
+                    for (d, &k) in dst.iter_mut().zip(&weight[y * tw..][..tw]) {
+                        *d += k;
+                    }
+                }
+            }
+            Accum::Device { acc, wsum } => {
+                let wt = Tensor::from_slice(weight, (1, 1, th, tw), tile.device())?;
+                let (ry, rx) = (y0..y0 + th, x0..x0 + tw);
+                let region = acc.narrow(2, y0, th)?.narrow(3, x0, tw)?;
+                *acc =
+                    acc.slice_assign(&[0..tb, 0..tc, ry.clone(), rx.clone()], &(region + tile.broadcast_mul(&wt)?)?)?;
+                let wregion = wsum.narrow(2, y0, th)?.narrow(3, x0, tw)?;
+                *wsum = wsum.slice_assign(&[0..1, 0..1, ry, rx], &(wregion + wt)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The weighted mean.
+    fn finish(self) -> Result<Tensor> {
+        match self {
+            Accum::Host { mut acc, wsum, shape } => {
+                let hw = shape.2 * shape.3;
+                for plane in acc.chunks_mut(hw) {
+                    for (a, &s) in plane.iter_mut().zip(&wsum) {
+                        *a /= s;
+                    }
+                }
+                Tensor::from_vec(acc, shape, &candle_core::Device::Cpu)
+            }
+            Accum::Device { acc, wsum } => acc.broadcast_div(&wsum),
+        }
+    }
 }
 
 // ---- autoencoder tiling (image ⇄ latent) ------------------------------------------------
@@ -161,7 +230,8 @@ where
 /// receptive field is bounded, so a halo of ≥ 20 latents makes tiling exact for it); the
 /// ramps hide what stays different per tile (the KL VAE's full-resolution GroupNorm
 /// statistics; its mid-block attention runs on the whole latent), so there are no seams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TileConfig {
     /// Core tile side in latent pixels (image tile = `tile × downscale`).
     pub tile: usize,
@@ -260,8 +330,7 @@ where
     let ys = tile_starts(h, tile, overlap, align);
     let xs = tile_starts(w, tile, overlap, align);
     let ramp = overlap * num / den;
-    let mut acc: Option<Tensor> = None;
-    let mut wsum: Option<Tensor> = None;
+    let mut acc: Option<Accum> = None;
     let mut out_dtype = x.dtype();
     for (iy, &y0) in ys.iter().enumerate() {
         let th = tile.min(h - y0);
@@ -277,26 +346,14 @@ where
             out_dtype = out.dtype();
             let wy = ramp_weights(oh, ramp, iy > 0, iy + 1 < ys.len());
             let wx = ramp_weights(ow, ramp, ix > 0, ix + 1 < xs.len());
-            let dev = out.device();
-            let wy = Tensor::from_vec(wy, (oh, 1), dev)?;
-            let wx = Tensor::from_vec(wx, (1, ow), dev)?;
-            let wt = wy.broadcast_mul(&wx)?.reshape((1, 1, oh, ow))?;
-            let weighted = out.to_dtype(DType::F32)?.broadcast_mul(&wt)?;
-            let (oy0, ox0) = (y0 * num / den, x0 * num / den);
+            let wt: Vec<f32> = wy.iter().flat_map(|&a| wx.iter().map(move |&b| a * b)).collect();
             if acc.is_none() {
-                let (fh, fw) = (h * num / den, w * num / den);
-                acc = Some(Tensor::zeros((ob, oc, fh, fw), DType::F32, dev)?);
-                wsum = Some(Tensor::zeros((1, 1, fh, fw), DType::F32, dev)?);
+                acc = Some(Accum::new((ob, oc, h * num / den, w * num / den), out.device())?);
             }
-            let a = acc.take().unwrap();
-            let region = a.i((.., .., oy0..oy0 + oh, ox0..ox0 + ow))?;
-            acc = Some(a.slice_assign(&[0..ob, 0..oc, oy0..oy0 + oh, ox0..ox0 + ow], &(region + weighted)?)?);
-            let s = wsum.take().unwrap();
-            let region = s.i((.., .., oy0..oy0 + oh, ox0..ox0 + ow))?;
-            wsum = Some(s.slice_assign(&[0..1, 0..1, oy0..oy0 + oh, ox0..ox0 + ow], &(region + wt)?)?);
+            acc.as_mut().unwrap().add(&out.to_dtype(DType::F32)?.contiguous()?, &wt, y0 * num / den, x0 * num / den)?;
         }
     }
-    acc.unwrap().broadcast_div(&wsum.unwrap())?.to_dtype(out_dtype)
+    acc.unwrap().finish()?.to_dtype(out_dtype)
 }
 
 #[cfg(test)]
