@@ -215,30 +215,6 @@ fn fixture_model_at_scale_2_tiles_the_latent_and_keeps_every_frame() {
     std::fs::remove_dir_all(&model).ok();
 }
 
-/// Minutes on 2 CPU cores (the tiny VAE at 9.8 Mpx dominates): run it on purpose with
-/// `cargo test --release --test model_dir -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn fixture_model_restores_a_4k_still_with_tiling_in_bounded_memory() {
-    let model = fixture_model_dir("still4k", false);
-    let out = std::env::temp_dir().join(format!("dpir-4k-{}.png", std::process::id()));
-    // Real photo (600×400) upscaled to 3840×2560 by videoscale, then restored at scale 1.
-    let p = launch(&format!(
-        "filesrc location=\"{}\" ! decodebin ! videoconvert ! videoscale ! video/x-raw,format=RGB,width=3840,height=2560 ! \
-         dpirrestore model=\"{}\" steps=1 lq-latent=mode tile-size=32 tile-overlap=8 color-fix=none ! videoconvert ! \
-         pngenc ! filesink location=\"{}\"",
-        media("coffee.png").display(),
-        model.display(),
-        out.display()
-    ));
-    let t0 = std::time::Instant::now();
-    run_pipeline(&p).expect("4K still");
-    eprintln!("4K still: {:.1} s, peak RSS {:.0} MiB", t0.elapsed().as_secs_f64(), peak_rss_mib());
-    assert!(std::fs::metadata(&out).unwrap().len() > 100_000);
-    std::fs::remove_file(&out).ok();
-    std::fs::remove_dir_all(&model).ok();
-}
-
 /// Run the element on a broken model directory: exactly one ERROR, with the given words.
 fn assert_model_error(model: &Path, words: &[&str]) {
     let p = launch(&format!(
