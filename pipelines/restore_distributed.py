@@ -96,17 +96,25 @@ def gst_init():
         )
 
 
+_plugin_sha = {}
+
+
 def plugin_identity():
-    """Path and SHA-256 of the libgstdpir.so GStreamer loads (segments of another build differ)."""
+    """Path and SHA-256 of the libgstdpir.so GStreamer loads (segments of another build differ);
+    hashed once per process and file version (a debug build is a few hundred MB)."""
     plugin = Gst.Registry.get().find_plugin("dpir")
     path = plugin.get_filename() if plugin else None
     if not path:
         return None, "static"
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return path, h.hexdigest()
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _plugin_sha:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _plugin_sha[key] = h.hexdigest()
+    return path, _plugin_sha[key]
 
 
 def make(factory, **props):

@@ -95,7 +95,9 @@ enum Container {
 fn write_video(path: &Path, frames: &[gst::Buffer], w: u32, h: u32, container: Container) {
     let n = frames.len();
     let (venc, mux, audio) = match container {
-        Container::Theora => ("theoraenc keyframe-auto=false keyframe-freq=8 keyframe-force=8", "oggmux", String::new()),
+        Container::Theora => {
+            ("theoraenc keyframe-auto=false keyframe-freq=8 keyframe-force=8", "oggmux", String::new())
+        }
         // 48 kHz: 3200 samples a frame, so the audio lasts exactly as long as the video.
         Container::Ffv1WithAudio => (
             "avenc_ffv1",
@@ -249,7 +251,9 @@ impl Live {
                         return l;
                     }
                 }
-                Err(_) => panic!("no such line from the driver within {timeout:?}; it printed:\n{}", self.seen.join("\n")),
+                Err(_) => {
+                    panic!("no such line from the driver within {timeout:?}; it printed:\n{}", self.seen.join("\n"))
+                }
             }
         }
     }
@@ -368,7 +372,10 @@ fn chunks_of_the_1906_film_sought_in_theora_join_into_the_frames_of_one_run() {
     c.args(["--chunk-frames", "10", "--keep-parts", "--work-dir"]).arg(&work);
     let dist = run(c);
     assert!(dist.status.success(), "restore-distributed.sh failed:\n{}", dist.stderr);
-    eprintln!("wall time, 30 frames of 214x160: restore-film.sh {:.1} s, restore-distributed.sh (2 workers) {:.1} s", single.seconds, dist.seconds);
+    eprintln!(
+        "wall time, 30 frames of 214x160: restore-film.sh {:.1} s, restore-distributed.sh (2 workers) {:.1} s",
+        single.seconds, dist.seconds
+    );
 
     // Scene-aligned: the camera change (frame 10 of the excerpt) and the clip-max-frames split
     // (20) are where chunks start.
@@ -406,8 +413,11 @@ fn the_film_joined_with_bikes_keeps_its_audio_and_equals_one_run_in_mkv_and_mp4(
     assert!(dist.status.success(), "restore-distributed.sh failed:\n{}", dist.stderr);
     let t0 = Instant::now();
     let reference = joined_reference();
-    eprintln!("wall time, 52 frames of 108x80: restore-film.sh {:.1} s (or less: made once), restore-distributed.sh {:.1} s",
-              t0.elapsed().as_secs_f64(), dist.seconds);
+    eprintln!(
+        "wall time, 52 frames of 108x80: restore-film.sh {:.1} s (or less: made once), restore-distributed.sh {:.1} s",
+        t0.elapsed().as_secs_f64(),
+        dist.seconds
+    );
 
     // Every scene cut, the join included, starts a chunk.
     let plan = plan_of(&work);
@@ -513,7 +523,11 @@ fn an_interrupted_driver_resumes_rendering_only_missing_or_corrupt_chunks() {
     assert!(rerun.status.success(), "the re-run failed:\n{}", rerun.stderr);
     assert!(rerun.stdout.contains("segment corrupt (checksum), rendering it again"));
     assert!(rerun.stdout.contains(&format!("resuming: {} chunks already done, {} to render", k - 1, 4 - (k - 1))));
-    assert_eq!(count_lines(&rerun.stdout, " done: frames "), 4 - (k - 1), "only the missing and the corrupt chunks are rendered");
+    assert_eq!(
+        count_lines(&rerun.stdout, " done: frames "),
+        4 - (k - 1),
+        "only the missing and the corrupt chunks are rendered"
+    );
     assert_same_frames(&decoded_video(&out), &want, "resumed");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -545,7 +559,8 @@ fn bad_input_fails_clearly_and_leaves_no_output() {
     let tiny = dir.join("tiny.mkv");
     write_video(&tiny, &decode_rgb(FILM, 108, 80)[..6], 108, 80, Container::Ffv1WithAudio);
     let junk = dir.join("junk.mkv");
-    std::fs::write(&junk, (0..200_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<_>>()).unwrap();
+    std::fs::write(&junk, (0..200_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<_>>())
+        .unwrap();
     let audio_only = dir.join("audio.mkv");
     let p = launch(&format!(
         "audiotestsrc num-buffers=20 ! flacenc ! matroskamux ! filesink location=\"{}\"",
