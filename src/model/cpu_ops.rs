@@ -140,7 +140,10 @@ unsafe fn gemm_acc(
 /// the bench's medium VAE: 1 MiB blocks, or a minimum of 256–512 columns per block, were no
 /// better and mostly slower.)
 fn block_rows(k_len: usize, wo: usize, ho: usize) -> usize {
-    ((128 * 1024) / (k_len * wo).max(1)).clamp(1, ho.max(1))
+    // Never fewer blocks than threads: a small image (the control branch's latent) would
+    // otherwise run on one core.
+    let balanced = ho.div_ceil(rayon::current_num_threads()).max(1);
+    ((128 * 1024) / (k_len * wo).max(1)).clamp(1, balanced)
 }
 
 /// Zero padding of a convolution's input: rows above and below, columns left and right.
