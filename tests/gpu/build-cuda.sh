@@ -74,6 +74,7 @@ fi
 ln -sf libcuda.so "$lib/stubs/libcuda.so.1"
 
 # 3. Build the GPU binaries (model-only: no GStreamer on the GPU machine).
+mkdir -p "$CARGO_TARGET_DIR"   # the JSON below goes there before cargo has created it
 nice -n 15 cargo build --release --no-default-features --features "$FEATURES" \
     ${TARGETS:---bench transformer_step --bench restore_raw} --message-format=json-render-diagnostics > "$CARGO_TARGET_DIR/cuda-build.json"
 BIN_DIR=${BIN_DIR:-tests/gpu/bin}
