@@ -187,6 +187,12 @@ impl DpirEngine {
                 settings.warm_start
             )));
         }
+        if !(0.0..=1.0).contains(&settings.fidelity) {
+            return Err(EngineError::Settings(format!(
+                "fidelity {} is out of range: 0 (full restoration) to 1 (the input)",
+                settings.fidelity
+            )));
+        }
         let default_steps = model.files.manifest.sampler.default_steps.unwrap_or(28);
         let tiling = latent_tiling(&model, settings)?;
         let steps = match settings.steps {
@@ -342,6 +348,9 @@ impl DpirEngine {
         // official quantises to 8 bits in between; 16-bit output keeps them).
         let out01 = ((&out.decoded + 1.0)? / 2.0)?.clamp(0f32, 1f32)?;
         let fixed = self.settings.color_fix.apply(&out01, &lq)?.clamp(0f32, 1f32)?;
+        // Fidelity: a pixel-space blend towards the LQ frame (both in [0, 1]: no clamp needed).
+        let f = self.settings.fidelity;
+        let fixed = if f > 0.0 { ((fixed * (1.0 - f))? + (&lq * f)?)? } else { fixed };
         let fixed = fixed.narrow(2, 0, oh)?.narrow(3, 0, ow)?;
         let image = tensor_to_image(&fixed)?;
         self.last_timings.prompts = prompts_time;

@@ -164,13 +164,14 @@ fn element_output_equals_the_library_for_every_model_property() {
     let (el0, lib0, _) = element_and_library(&model, (size.0 as u32, size.1 as u32), base_props, &base, 1);
     assert!(el0 == lib0, "element and library disagree with default settings");
     type Tweak = fn(&mut EngineSettings);
-    let cases: [(&str, Tweak, usize); 7] = [
+    let cases: [(&str, Tweak, usize); 8] = [
         ("color-fix=adain", |s| s.color_fix = ColorFix::Adain, 1),
         ("color-fix=none", |s| s.color_fix = ColorFix::None, 1),
         ("tiling=corrected", |s| s.tiling = TilingMode::Corrected, 1),
         ("noise=per-frame", |s| s.noise = NoiseMode::PerFrame, 1),
         ("lq-latent=sample", |s| s.lq_latent = LqLatent::Sample, 1),
         ("tile-size=16 tile-overlap=4", |s| (s.tile_size, s.tile_overlap) = (16, 4), 1),
+        ("fidelity=0.5", |s| s.fidelity = 0.5, 1),
         ("scale=2", |_| {}, 2),
     ];
     for (props, tweak, scale) in cases {
@@ -189,6 +190,43 @@ fn element_output_equals_the_library_for_every_model_property() {
         }
         eprintln!("[{props}] element == library ({w}x{h}, {:.1} s)", t0.elapsed().as_secs_f64());
     }
+    std::fs::remove_dir_all(&model).ok();
+}
+
+/// The RGB rows of a captured 8-bit RGB buffer, without the stride's padding.
+fn rgb_rows(buf: &gst::Buffer, caps: &gst::Caps) -> Vec<u8> {
+    let info = gst_video::VideoInfo::from_caps(caps).unwrap();
+    let (w, h, stride) = (info.width() as usize, info.height() as usize, info.stride()[0] as usize);
+    let map = buf.map_readable().unwrap();
+    (0..h).flat_map(|y| map[y * stride..y * stride + w * 3].to_vec()).collect()
+}
+
+/// `fidelity` blends the restoration towards the input in pixel space: at `scale=1`,
+/// `fidelity=1` gives the input frame back exactly, and `fidelity=0.5` lies halfway between the
+/// full restoration and the input (to the 8-bit rounding of each).
+#[test]
+fn fidelity_one_gives_the_input_back_and_a_half_lies_halfway() {
+    let model = fixture_model_dir("fidelity", true);
+    let run = |props: &str| {
+        let p = film_pipeline(&model, props, Some(2), Some((128, 96)), "identity name=o ! fakesink");
+        let ins = capture(&p, "d", 1);
+        let outs = capture(&p, "o", 1);
+        run_pipeline(&p).unwrap();
+        let (i, o) = (ins.lock().unwrap()[0].clone(), outs.lock().unwrap()[0].clone());
+        (rgb_rows(&i.0, &i.1), rgb_rows(&o.0, &o.1))
+    };
+    let (input, full) = run("fidelity=0");
+    let (_, one) = run("fidelity=1");
+    let (_, half) = run("fidelity=0.5");
+    assert!(one == input, "fidelity=1 does not give the input back");
+    let moved = full.iter().zip(&input).filter(|(a, b)| a.abs_diff(**b) > 2).count();
+    assert!(moved > full.len() / 10, "the full restoration is the input ({moved} values moved): nothing to blend");
+    let worst = half
+        .iter()
+        .zip(full.iter().zip(&input))
+        .map(|(&h, (&r, &i))| (h as f64 - (r as f64 + i as f64) / 2.0).abs())
+        .fold(0f64, f64::max);
+    assert!(worst <= 1.0, "fidelity=0.5 is {worst} levels from halfway between restoration and input");
     std::fs::remove_dir_all(&model).ok();
 }
 

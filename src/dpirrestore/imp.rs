@@ -1084,6 +1084,18 @@ impl ObjectImpl for DpirRestore {
                     .default_value(e.warm_start)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecDouble::builder("fidelity")
+                    .nick("Fidelity")
+                    .blurb(
+                        "0: full restoration. Up to 1: the output is blended towards the input upsampled to the output \
+                         size, (1 - fidelity) x restored + fidelity x input (1: the input back; use it to tone down \
+                         a model on material it does not suit)",
+                    )
+                    .minimum(0.0)
+                    .maximum(1.0)
+                    .default_value(e.fidelity)
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecUInt64::builder("first-clip-index")
                     .nick("First clip index")
                     .blurb("Index of the stream's first clip: render clip N alone (same seed) as it was in the whole film")
@@ -1139,6 +1151,7 @@ impl ObjectImpl for DpirRestore {
             "noise" => e.noise = value.get::<Noise>().unwrap().into(),
             "low-memory" => e.low_memory = value.get().unwrap(),
             "warm-start" => e.warm_start = value.get().unwrap(),
+            "fidelity" => e.fidelity = value.get().unwrap(),
             "max-inflight" => s.max_inflight = value.get().unwrap(),
             "qos" => s.qos = value.get().unwrap(),
             "scene-threshold" => s.scene_threshold = value.get().unwrap(),
@@ -1172,6 +1185,7 @@ impl ObjectImpl for DpirRestore {
             "noise" => Noise::from(e.noise).to_value(),
             "low-memory" => e.low_memory.to_value(),
             "warm-start" => e.warm_start.to_value(),
+            "fidelity" => e.fidelity.to_value(),
             "max-inflight" => s.max_inflight.to_value(),
             "qos" => s.qos.to_value(),
             "scene-threshold" => s.scene_threshold.to_value(),
