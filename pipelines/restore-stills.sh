@@ -8,10 +8,14 @@
 # A JPEG that GStreamer's jpegdec cannot decode (it only warns, and the pipeline ends with no
 # frame) is decoded again with libav's MJPEG decoder. 16-bit PNGs and TIFFs stay 16-bit through
 # the element and come out as 16-bit PNGs (pipelines/lib/png16.py: GStreamer 1.22 has no 16-bit
-# RGB image encoder).
+# RGB image encoder). Pipelines run through pipelines/lib/launch.py, not gst-launch-1.0 (whose
+# 1.22 version can wait forever when a broken file fails while the pipeline starts); it needs
+# PyGObject: $DPIR_PYTHON, default /usr/bin/python3 (Debian's, for which python3-gi is built).
 set -euo pipefail
 in=$1 out=$2; shift 2
 here=$(cd "$(dirname "$0")" && pwd)
+py=${DPIR_PYTHON:-/usr/bin/python3}
+launch() { "$py" "$here/lib/launch.py" "$@"; }
 mkdir -p "$out"
 scale=1
 for p in "$@"; do
@@ -48,12 +52,12 @@ for f in "${files[@]}"; do
   for dec in "${decoders[@]}"; do
     rm -f "$tmp" "$tmp.raw"
     if [ $deep = 1 ]; then
-      gst-launch-1.0 -q filesrc location="$f" ! $dec ! videoconvert ! video/x-raw,format=RGBA64_LE ! \
+      launch filesrc location="$f" ! $dec ! videoconvert ! video/x-raw,format=RGBA64_LE ! \
         dpirrestore "$@" ! video/x-raw,format=RGBA64_LE ! filesink location="$tmp.raw" || true
       [ -s "$tmp.raw" ] && python3 "$here/lib/png16.py" write "$tmp.raw" $((w * scale)) $((h * scale)) "$tmp" || true
       rm -f "$tmp.raw"
     else
-      gst-launch-1.0 -q filesrc location="$f" ! $dec ! videoconvert ! dpirrestore "$@" ! \
+      launch filesrc location="$f" ! $dec ! videoconvert ! dpirrestore "$@" ! \
         videoconvert ! pngenc ! filesink location="$tmp" || true
     fi
     # Complete: a PNG of the expected size.
