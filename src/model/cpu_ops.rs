@@ -143,7 +143,11 @@ fn block_rows(k_len: usize, wo: usize, ho: usize) -> usize {
     // Never fewer blocks than threads: a small image (the control branch's latent) would
     // otherwise run on one core.
     let balanced = ho.div_ceil(rayon::current_num_threads()).max(1);
-    ((128 * 1024) / (k_len * wo).max(1)).clamp(1, balanced)
+    // At least MIN_COLS columns a block: each GEMM call packs the whole weight matrix again, so
+    // narrow blocks of a wide layer (512 channels at 32 px: 32 columns against 512 × 4608
+    // weights) spend more time packing than multiplying.
+    const MIN_COLS: usize = 256;
+    ((128 * 1024) / (k_len * wo).max(1)).max(MIN_COLS.div_ceil(wo.max(1))).clamp(1, balanced)
 }
 
 /// Zero padding of a convolution's input: rows above and below, columns left and right.
