@@ -6,7 +6,12 @@
 # BGRA, 16-bit as 12-bit GBR), audio as FLAC. OUT ending in .mp4 is H.264 (I420) with AAC audio.
 # The file is written beside OUT under a temporary name and renamed when complete: a failed or
 # interrupted run leaves no OUT (an older OUT stays as it was).
+# The pipeline runs through pipelines/lib/launch.py (gst-launch-1.0's syntax and -m/-e options;
+# GStreamer 1.22's gst-launch can wait forever when an error comes while the pipeline starts),
+# with PyGObject's Python: $DPIR_PYTHON, default Debian's /usr/bin/python3.
 set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+launch() { "${DPIR_PYTHON:-/usr/bin/python3}" "$here/lib/launch.py" "$@"; }
 die() { echo "restore-film.sh: $*" >&2; exit 1; }
 [ $# -ge 2 ] || die "usage: restore-film.sh IN OUT.mkv|OUT.mp4 [dpirrestore properties…]"
 in=$1 out=$2; shift 2
@@ -36,19 +41,19 @@ tmp="$dir/.$(basename -- "$out").part-$$"
 trap 'rm -f -- "$tmp"' EXIT
 { : >"$tmp"; } 2>/dev/null || die "cannot write in the output directory '$dir' (read-only or full?)"
 
-# With -e, an interrupted gst-launch still closes its file properly: a run interrupted
+# With -e, an interrupted run still closes its file properly: a run interrupted
 # (SIGINT/SIGTERM) is nonetheless discarded, as a truncated film is not the film.
 interrupted=
 trap 'interrupted=1' INT TERM
 status=0
 if grep -qE "^ *audio( #[0-9]+)?:" <<<"$info"; then
-  gst-launch-1.0 ${GST_LAUNCH_OPTS:-} -e filesrc location="$in" ! decodebin name=dec \
+  launch ${GST_LAUNCH_OPTS:-} -e filesrc location="$in" ! decodebin name=dec \
     dec. ! video/x-raw ! queue max-size-buffers=4 ! videoconvert ! dpirrestore "$@" ! "${video_tail[@]}" ! \
       $mux name=mux ! filesink location="$tmp" \
     dec. ! audio/x-raw ! queue max-size-time=0 max-size-buffers=0 max-size-bytes=0 ! audioconvert ! audioresample ! \
       "${audio_enc[@]}" ! queue ! mux. || status=$?
 else
-  gst-launch-1.0 ${GST_LAUNCH_OPTS:-} -e filesrc location="$in" ! decodebin name=dec \
+  launch ${GST_LAUNCH_OPTS:-} -e filesrc location="$in" ! decodebin name=dec \
     dec. ! video/x-raw ! queue max-size-buffers=4 ! videoconvert ! dpirrestore "$@" ! "${video_tail[@]}" ! \
       $mux ! filesink location="$tmp" || status=$?
 fi
