@@ -201,3 +201,42 @@ fn stills_script_restores_every_still_completely_or_names_the_one_it_cannot() {
     assert_eq!(left, ["chelsea.png", "ramp16.png", "solvay.png"], "no partial or empty output");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `pipelines/lib/launch.py` (what the stills and film scripts run) reports an error that comes
+/// while the pipeline is still starting (jpegparse on a file with no JPEG frame, while
+/// `dpirrestore` loads its model) and exits; GStreamer 1.22's gst-launch-1.0 waited forever on
+/// this about once in 30 runs under load. Twenty runs, each must end within 60 s.
+#[test]
+fn launch_py_never_waits_forever_on_an_error_while_the_pipeline_starts() {
+    let broken = std::env::temp_dir().join(format!("dpir-launch-broken-{}.jpg", std::process::id()));
+    std::fs::write(&broken, b"\xff\xd8\xff\xe0 not really a jpeg").unwrap();
+    let python = std::env::var("DPIR_PYTHON").unwrap_or("/usr/bin/python3".into());
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/lib/launch.py");
+    for run in 0..20 {
+        let mut child = std::process::Command::new(&python)
+            .arg(&script)
+            .args(["filesrc", &format!("location={}", broken.display()), "!", "jpegparse", "!", "avdec_mjpeg"])
+            .args(["!", "videoconvert", "!", "dpirrestore", "!", "videoconvert", "!", "fakesink"])
+            .env("GST_PLUGIN_PATH", plugin_dir())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("launch.py (Debian python3-gi)");
+        let t0 = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if t0.elapsed().as_secs() > 60 {
+                child.kill().ok();
+                panic!("run {run}: launch.py still waiting after 60 s on an error while starting");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(1), "run {run}: {err}");
+        assert!(err.contains("No valid frames found"), "run {run}: the error is not reported: {err}");
+    }
+    std::fs::remove_file(&broken).ok();
+}
