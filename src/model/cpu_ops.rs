@@ -539,7 +539,7 @@ pub fn conv3x3_winograd(x: &Tensor, wg: &WinogradWeights, bias: Option<&[f32]>) 
                 let cap = rows * tw;
                 let mut v = vec![0f32; 16 * cin * cap];
                 let mut m = vec![0f32; 16 * cout * cap];
-                let mut scratch = vec![0f32; 8 * (tw + 1)];
+                let mut scratch = vec![0f32; 16 * (tw + 1)];
                 for item in lo..hi {
                     let (bi, r0) = (item / blocks, (item % blocks) * rows);
                     let nr = rows.min(th - r0);
@@ -1017,40 +1017,43 @@ dispatch!(winograd_input_tiles(
 ) {
     // One row of tiles of one channel: V = Bᵀ d B for the 4×4 input tiles at rows 2ty − 1 ..
     // 2ty + 2, columns 2tx − 1 .. 2tx + 2 (zero outside), written to v[at + e·e_stride + tx].
-    // The padded rows are split into even and odd columns first so that every step below runs
-    // over contiguous slices (vectorised).
+    // Every step runs over contiguous slices (vectorised): Bᵀ down the zero-padded rows, then
+    // the result split into even and odd columns, then B along them.
     let tw = w.div_ceil(2);
-    let n = tw + 1;
-    let (ev, od) = scratch[..8 * n].split_at_mut(4 * n);
-    for i in 0..4 {
-        let (e, o) = (&mut ev[i * n..(i + 1) * n], &mut od[i * n..(i + 1) * n]);
-        e.fill(0.0);
-        o.fill(0.0);
+    let (n, pw) = (tw + 1, 2 * tw + 2);
+    let (pad, rest) = scratch.split_at_mut(4 * pw);
+    let (ev, rest) = rest.split_at_mut(4 * n);
+    let od = &mut rest[..4 * n];
+    // Padded row i: column c holds input column c − 1.
+    for (i, prow) in pad.chunks_exact_mut(pw).enumerate() {
+        prow.fill(0.0);
         let iy = (2 * ty + i) as isize - 1;
         if iy >= 0 && (iy as usize) < h {
-            // padded column c = input column c − 1: even column 2k holds input 2k − 1, odd 2k + 1 input 2k
-            for (k, pair) in chan[iy as usize * w..(iy as usize + 1) * w].chunks(2).enumerate() {
-                o[k] = pair[0];
-                if let Some(&x) = pair.get(1) {
-                    e[k + 1] = x;
-                }
-            }
+            prow[1..=w].copy_from_slice(&chan[iy as usize * w..(iy as usize + 1) * w]);
         }
     }
-    // Bᵀ down the columns: rows [d0 − d2, d1 + d2, d2 − d1, d1 − d3].
-    for arr in [&mut *ev, &mut *od] {
-        let (r0, rest) = arr.split_at_mut(n);
-        let (r1, rest) = rest.split_at_mut(n);
-        let (r2, r3) = rest.split_at_mut(n);
-        for k in 0..n {
-            let (a, b, c, d) = (r0[k], r1[k], r2[k], r3[k]);
-            r0[k] = a - c;
-            r1[k] = b + c;
-            r2[k] = c - b;
-            r3[k] = b - d;
+    // Bᵀ: rows [d0 − d2, d1 + d2, d2 − d1, d1 − d3].
+    {
+        let (r0, rest) = pad.split_at_mut(pw);
+        let (r1, rest) = rest.split_at_mut(pw);
+        let (r2, r3) = rest.split_at_mut(pw);
+        for (((a, b), c), d) in r0.iter_mut().zip(r1.iter_mut()).zip(r2.iter_mut()).zip(r3.iter_mut()) {
+            let (x0, x1, x2, x3) = (*a, *b, *c, *d);
+            *a = x0 - x2;
+            *b = x1 + x2;
+            *c = x2 - x1;
+            *d = x1 - x3;
         }
     }
-    // … then B along the rows: tile tx reads columns e[tx], o[tx], e[tx + 1], o[tx + 1].
+    for i in 0..4 {
+        let prow = &pad[i * pw..(i + 1) * pw];
+        let (e, o) = (&mut ev[i * n..(i + 1) * n], &mut od[i * n..(i + 1) * n]);
+        for ((e, o), pair) in e.iter_mut().zip(o.iter_mut()).zip(prow.chunks_exact(2)) {
+            *e = pair[0];
+            *o = pair[1];
+        }
+    }
+    // B: tile tx reads columns e[tx], o[tx], e[tx + 1], o[tx + 1].
     for i in 0..4 {
         let (e, o) = (&ev[i * n..(i + 1) * n], &od[i * n..(i + 1) * n]);
         let (e0, e1, o0, o1) = (&e[..tw], &e[1..], &o[..tw], &o[1..]);
@@ -1082,31 +1085,48 @@ dispatch!(winograd_output_tiles(
 ) {
     // One row of tiles of one output channel: Y = Aᵀ M A + bias with Aᵀ = [[1, 1, 1, 0],
     // [0, 1, −1, −1]], M_e at m[at + e·e_stride ..][..tw]; output rows o0 and (unless past the
-    // bottom) o1, columns 2tx and 2tx + 1 (unless past the right edge).
+    // bottom) o1, columns 2tx and 2tx + 1 (unless past the right edge). Contiguous slices
+    // throughout (vectorised), the interleave last.
     let ms: [&[f32]; 16] = std::array::from_fn(|e| &m[at + e * e_stride..][..tw]);
-    let (y00, rest) = scratch[..4 * tw].split_at_mut(tw);
-    let (y01, rest) = rest.split_at_mut(tw);
-    let (y10, y11) = rest.split_at_mut(tw);
-    for k in 0..tw {
-        let mm = |i: usize, j: usize| ms[4 * i + j][k];
-        let s0: [f32; 4] = std::array::from_fn(|j| mm(0, j) + mm(1, j) + mm(2, j));
-        let s1: [f32; 4] = std::array::from_fn(|j| mm(1, j) - mm(2, j) - mm(3, j));
-        y00[k] = s0[0] + s0[1] + s0[2] + bias;
-        y01[k] = s0[1] - s0[2] - s0[3] + bias;
-        y10[k] = s1[0] + s1[1] + s1[2] + bias;
-        y11[k] = s1[1] - s1[2] - s1[3] + bias;
-    }
-    let interleave = |o: &mut [f32], a: &[f32], b: &[f32]| {
-        for (pair, (&x, &y)) in o.chunks_mut(2).zip(a.iter().zip(b)) {
-            pair[0] = x;
-            if let Some(p) = pair.get_mut(1) {
-                *p = y;
+    let (s, y) = scratch[..12 * tw].split_at_mut(8 * tw);
+    // Aᵀ M: s[j] = M0j + M1j + M2j, s[4 + j] = M1j − M2j − M3j.
+    for (j, sj) in s.chunks_exact_mut(tw).enumerate() {
+        let (top, col) = (j < 4, j % 4);
+        let (a, b, c) = if top { (ms[col], ms[4 + col], ms[8 + col]) } else { (ms[4 + col], ms[8 + col], ms[12 + col]) };
+        if top {
+            for (d, ((&x, &y), &z)) in sj.iter_mut().zip(a.iter().zip(b).zip(c)) {
+                *d = x + y + z;
+            }
+        } else {
+            for (d, ((&x, &y), &z)) in sj.iter_mut().zip(a.iter().zip(b).zip(c)) {
+                *d = x - y - z;
             }
         }
+    }
+    // … A: y[2r] = s0 + s1 + s2 + bias, y[2r + 1] = s1 − s2 − s3 + bias, for output row r.
+    for r in 0..2 {
+        let sr = |j: usize| &s[(4 * r + j) * tw..(4 * r + j + 1) * tw];
+        let (ya, yb) = y[2 * r * tw..(2 * r + 2) * tw].split_at_mut(tw);
+        for (d, ((&a, &b), &c)) in ya.iter_mut().zip(sr(0).iter().zip(sr(1)).zip(sr(2))) {
+            *d = a + b + c + bias;
+        }
+        for (d, ((&a, &b), &c)) in yb.iter_mut().zip(sr(1).iter().zip(sr(2)).zip(sr(3))) {
+            *d = a - b - c + bias;
+        }
+    }
+    let interleave = |o: &mut [f32], a: &[f32], b: &[f32]| {
+        let full = o.len() / 2;
+        for (pair, (&x, &y)) in o.chunks_exact_mut(2).zip(a.iter().zip(b)) {
+            pair[0] = x;
+            pair[1] = y;
+        }
+        if o.len() % 2 == 1 {
+            o[2 * full] = a[full];
+        }
     };
-    interleave(o0, y00, y01);
+    interleave(o0, &y[..tw], &y[tw..2 * tw]);
     if let Some(o1) = o1 {
-        interleave(o1, y10, y11);
+        interleave(o1, &y[2 * tw..3 * tw], &y[3 * tw..4 * tw]);
     }
 });
 

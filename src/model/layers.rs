@@ -14,9 +14,9 @@ fn cpu_f32(t: &Tensor) -> bool {
 }
 
 /// Input channels from which a 3×3 convolution runs as Winograd F(2×2, 3×3) rather than
-/// im2col + GEMM. Measured on 2 cores (AVX-512): 0.54–0.68× the time from 64 channels up,
-/// 0.85× at 16 → 256 and 32 → 32, even at 16 → 16, 1.1–1.2× slower at 8 → 16 (the transforms
-/// and 16 small GEMMs cost more than they save).
+/// im2col + GEMM. Measured on 2 cores (AVX-512, the `gemm` crate's AVX-512 kernels on both
+/// sides): 0.54–0.70× the time from 64 channels up, 0.8–0.87× at 16 → 16 and 32 → 32, even at
+/// 16 → 256, 1.05× slower at 8 → 16 (the transforms cost more than the products they save).
 const WINOGRAD_MIN_CIN: usize = 16;
 
 /// A `Conv2d` with the CPU paths of [`cpu_ops`]: Winograd for 3×3 / stride 1 / padding 1 from
