@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model as M
 
-FIX = os.environ.get("DPIR_FIXTURES", "/work/shared/fixtures")
+FIX = os.environ.get("DPIR_FIXTURES", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "fixtures"))
 torch.set_num_threads(1)
 for case in ["dpir_transformer_square", "dpir_transformer_nonsquare"]:
     d = os.path.join(FIX, case)

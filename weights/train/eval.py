@@ -10,7 +10,10 @@ stlpips-pytorch) for
       tiles of pos_embed_max_size * patch_size as the plugin), colour fix none / wavelet,
 plus the autoencoder's own round trip of the HQ photo (its ceiling; not a method).
 Loads the EXPORTED f16 files of weights/dpir-nano (upcast to f32), i.e. what the Rust loader reads.
-Usage: eval.py [--model weights/dpir-nano] [--limit N] [--save DIR]
+Usage: eval.py [--model weights/dpir-nano] [--scale 2|1] [--mix v1|v2] [--limit N] [--save DIR]
+  --mix v1 (default): the shipped model's training mix (the model card's table); v2: degrade.degrade_seeded (real
+  codecs through GStreamer, film damage, ...), same fixed seeds. Row "input" is the degraded LQ itself, bicubic-
+  upsampled to the output size (at --scale 1: the degraded frame as it is), i.e. what the model is fed.
 """
 import argparse, glob, json, os, subprocess, sys, tempfile, types
 import numpy as np
@@ -25,7 +28,7 @@ import model as M
 from degrade import degrade, fixed_rng
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.environ.get("DPIR_DATA", "/root/dpir-data")
+DATA = os.environ.get("DPIR_DATA", os.path.expanduser("~/dpir-data"))
 SEED = 2025
 
 
@@ -53,7 +56,7 @@ def ae_round_trip(vae, hq_u8):
     return (((dec[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def run_plugin(plugin_dir, model_dir, lqs):
+def run_plugin(plugin_dir, model_dir, lqs, scale=2):
     """(c) through the plugin: each LQ frame as a PNG through `filesrc ! pngdec ! videoconvert ! dpirrestore
     scale=2 model=... ! videoconvert ! pngenc` (pipelines/restore-stills.sh), one gst-launch per frame."""
     with tempfile.TemporaryDirectory() as d:
@@ -62,7 +65,7 @@ def run_plugin(plugin_dir, model_dir, lqs):
             Image.fromarray(lq).save(os.path.join(d, "in", f"{i:03d}.png"))
         env = dict(os.environ, GST_PLUGIN_PATH=os.path.abspath(plugin_dir))
         script = os.path.join(HERE, "..", "..", "pipelines", "restore-stills.sh")
-        subprocess.run(["bash", script, os.path.join(d, "in"), os.path.join(d, "out"), "scale=2",
+        subprocess.run(["bash", script, os.path.join(d, "in"), os.path.join(d, "out"), f"scale={scale}",
                         f"model={os.path.abspath(model_dir)}"], env=env, check=True, stdout=subprocess.DEVNULL)
         return [np.asarray(Image.open(os.path.join(d, "out", f"{i:03d}.png")).convert("RGB")) for i in range(len(lqs))]
 
@@ -94,6 +97,10 @@ def main():
     ap.add_argument("--tile", type=int, default=0, help="latent tile (0: pos_embed_max_size * patch_size, as the plugin)")
     ap.add_argument("--steps", type=int, default=0, help="override model.json default_steps")
     ap.add_argument("--crop", type=int, default=0, help="centre-crop each validation image to at most this side (0: full <=512 crop)")
+    ap.add_argument("--scale", type=int, default=2, choices=[1, 2, 4])
+    ap.add_argument("--mix", default="v1", choices=["v1", "v2"], help="degradation mix (v1: the card's; v2: degrade_seeded)")
+    ap.add_argument("--tag", default="", help="name of this run in the summary file name")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the model-independent Lanczos / ffmpeg rows")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     files = sorted(glob.glob(os.path.join(a.val, "*.png")))
@@ -103,9 +110,11 @@ def main():
     mj, tr, vae, pe = M.load_model(a.model)
     if a.steps:
         mj["sampler"]["default_steps"] = a.steps
-    methods = ["lanczos", "hqdn3d+lanczos", "nlmeans+lanczos", "nano", "nano+wavelet", "ae round trip of HQ"]
+    methods = ["input", "lanczos", "hqdn3d+lanczos", "nlmeans+lanczos", "nano", "nano+wavelet", "ae round trip of HQ"]
     if a.plugin:
-        methods.insert(5, "nano (plugin)")
+        methods.insert(6, "nano (plugin)")
+    if a.no_baselines:
+        methods = [m for m in methods if m not in ("lanczos", "hqdn3d+lanczos", "nlmeans+lanczos")]
     res = {m: [] for m in methods}
     pairs = []
     for idx, f in enumerate(files):
@@ -114,14 +123,16 @@ def main():
             c = min(a.crop, hq.shape[0], hq.shape[1]) // 16 * 16
             t, l = (hq.shape[0] - c) // 2, (hq.shape[1] - c) // 2
             hq = np.ascontiguousarray(hq[t:t + c, l:l + c])
-        pairs.append((hq,) + degrade(hq, fixed_rng(SEED, idx), scale=2))
-    plugin_out = run_plugin(a.plugin, a.model, [p[1] for p in pairs]) if a.plugin else None
+        pairs.append((hq,) + degrade(hq, fixed_rng(SEED, idx), scale=a.scale, mix=a.mix))
+    plugin_out = run_plugin(a.plugin, a.model, [p[1] for p in pairs], a.scale) if a.plugin else None
     for idx, f in enumerate(files):
         hq, lq, up = pairs[idx]
         H, W = hq.shape[:2]
-        outs = {"lanczos": np.asarray(Image.fromarray(lq).resize((W, H), Image.LANCZOS)),
-                "hqdn3d+lanczos": ffmpeg_chain(lq, W, H, "hqdn3d=4:3:6:4.5"),
-                "nlmeans+lanczos": ffmpeg_chain(lq, W, H, "nlmeans=s=3:p=7:r=9")}
+        outs = {"input": up}
+        if not a.no_baselines:
+            outs.update({"lanczos": np.asarray(Image.fromarray(lq).resize((W, H), Image.LANCZOS)),
+                         "hqdn3d+lanczos": ffmpeg_chain(lq, W, H, "hqdn3d=4:3:6:4.5"),
+                         "nlmeans+lanczos": ffmpeg_chain(lq, W, H, "nlmeans=s=3:p=7:r=9")})
         outs["nano"], outs["nano+wavelet"] = nano_restore(mj, tr, vae, pe, up, tile=a.tile)
         outs["ae round trip of HQ"] = ae_round_trip(vae, hq)
         if plugin_out is not None:
@@ -135,17 +146,19 @@ def main():
         if a.save:
             os.makedirs(a.save, exist_ok=True)
             name = os.path.splitext(os.path.basename(f))[0]
-            Image.fromarray(np.concatenate([outs["lanczos"], outs["nlmeans+lanczos"], outs["nano"], hq], axis=1)).save(
+            Image.fromarray(np.concatenate([outs["input"], outs["nano+wavelet"], hq], axis=1)).save(
                 os.path.join(a.save, f"{name}.png"))
         print(os.path.basename(f), " ".join(f"{m}:{res[m][-1][0]:.2f}/{res[m][-1][2]:.3f}" for m in methods), flush=True)
-    print(f"\n{len(files)} validation photos, x2, fixed-seed degradations (seed {SEED}), crop {a.crop or 'full'}")
+    print(f"\n{len(files)} validation photos, x{a.scale}, fixed-seed degradations (seed {SEED}, mix {a.mix}), crop {a.crop or 'full'}, model {a.model}")
     print("| method | PSNR (dB) ↑ | SSIM ↑ | ST-LPIPS ↓ |\n|---|---:|---:|---:|")
     summary = {}
     for m in methods:
         r = np.array(res[m])
         summary[m] = r.mean(0).tolist()
         print(f"| {m} | {r[:, 0].mean():.2f} | {r[:, 1].mean():.4f} | {r[:, 2].mean():.4f} |")
-    json.dump(summary, open(os.path.join(DATA, f"logs/eval_summary_c{a.crop}_s{mj['sampler']['default_steps']}.json"), "w"), indent=1)
+    rows = {m: [list(r) for r in res[m]] for m in methods}
+    json.dump({"summary": summary, "files": [os.path.basename(f) for f in files], "rows": rows},
+              open(os.path.join(DATA, f"logs/eval_{a.tag}x{a.scale}_{a.mix}_c{a.crop}_s{mj['sampler']['default_steps']}.json"), "w"), indent=1)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,12 @@ removes), plus the ratio of that error to the input's.
 Needs numpy (Debian `python3-numpy`), GStreamer with x264enc/avdec_h264 (tests/setup-debian.sh
 installs them) and the plugin on GST_PLUGIN_PATH (or --plugin DIR).
 Usage: eval_video.py [--clip FILE] [--frames N] [--bitrate KBPS] [--fidelity 0,0.5,1] [--props "..."]
+       eval_video.py --pytorch MODEL_DIR[,MODEL_DIR...]   (no plugin build needed)
+--pytorch: the exported model(s) through the PyTorch copy of the element's per-frame path (model.nano_restore:
+same sampler, latent tiles, wavelet colour fix; the card measured it within 0.02 dB of the element on stills) with
+the element's clip policy: noise field per clip (seeded once), global prompt from the clip's key frame (frame 0; the
+element's Reference 1024-px global tiling: for a side in (512, 1024) the window is the last 1024 - side rows/columns,
+Python slicing), local prompt per frame, fidelity as the element's pixel blend. No scene cuts (one clip).
 """
 import argparse, os, subprocess, sys, tempfile
 import numpy as np
@@ -41,6 +47,65 @@ def psnr(mse):
     return 10 * np.log10(255.0**2 / max(mse, 1e-12))
 
 
+def global_window(img, tile=1024, stride=960):
+    """The element's single global tile (src/model/prompt.rs, TilingMode::Reference) for sides < tile."""
+    h, w = img.shape[:2]
+    assert h < tile and w < tile, "frames with a side >= 1024 need several global tiles (not in this PyTorch path)"
+    return img[slice(h - tile, h), slice(w - tile, w)]
+
+
+def ceiling_rows(model_dirs, gt, lq, every=5):
+    """Diagnostic: each model's pipeline with a PERFECT transformer (latent = the encoder's posterior mode of the
+    CLEAN frame), decoded and wavelet-fixed against the compressed input, on every `every`-th frame: the best PSNR the
+    1-step path (x8 autoencoder + colour fix) can reach on this clip. Not a method."""
+    import torch
+    sys.path.insert(0, HERE)
+    import model as M
+    out = []
+    for d in model_dirs:
+        _, _, vae, _ = M.load_model(d)
+        mses = []
+        for i in range(0, len(gt), every):
+            g = torch.from_numpy(gt[i]).permute(2, 0, 1)[None].float() / 255.0
+            l = torch.from_numpy(lq[i]).permute(2, 0, 1)[None].float() / 255.0
+            H, W = g.shape[-2:]
+            gp = torch.nn.functional.pad(g, (0, -W % 16, 0, -H % 16), mode="replicate")
+            with torch.no_grad():
+                dec = vae.decoder(vae.encoder(gp * 2 - 1).chunk(2, dim=1)[0])[..., :H, :W]
+                o = M.wavelet_color_fix(((dec + 1) / 2).clamp(0, 1), l).clamp(0, 1)
+            o = np.round(o[0].permute(1, 2, 0).numpy() * 255)
+            mses.append(((o - gt[i].astype(np.float64)) ** 2).mean())
+        out.append((os.path.basename(os.path.normpath(d)), psnr(np.mean(mses)), len(mses)))
+    return out
+
+
+def pytorch_rows(model_dirs, lq, fids, seed=2025):
+    """[(name, frames)] of each exported model on the decoded LQ frames (uint8 [N,H,W,3]) at scale 1."""
+    import torch
+    sys.path.insert(0, HERE)
+    import model as M
+    torch.set_num_threads(2)
+    n, h, w, _ = lq.shape
+    ph, pw = -h % 16, -w % 16
+    rows = []
+    for d in model_dirs:
+        mj, tr, vae, pe = M.load_model(d)
+        g = global_window(lq[0])
+        noise = torch.randn((1, vae.config.latent_channels, (h + ph) // 8, (w + pw) // 8),
+                            generator=torch.Generator().manual_seed(seed))
+        outs = []
+        for i in range(n):
+            up = np.pad(lq[i], ((0, ph), (0, pw), (0, 0)), mode="edge")
+            _, wav = M.nano_restore(mj, tr, vae, pe, up, noise=noise, global_u8=g)
+            outs.append(wav[0, :, :h, :w].permute(1, 2, 0).numpy())
+        outs = np.stack(outs)
+        lq01 = lq.astype(np.float64) / 255.0
+        for f in fids:
+            o = (outs * (1 - f) + lq01 * f) if f > 0 else outs
+            rows.append((f"{os.path.basename(os.path.normpath(d))} (PyTorch) fidelity={f}", np.round(np.clip(o, 0, 1) * 255)))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--clip", default=os.path.join(REPO, "..", "shared", "media", "bikes.mp4"))
@@ -49,6 +114,8 @@ def main():
     ap.add_argument("--fidelity", default="0,0.25,0.5,0.75,1")
     ap.add_argument("--props", default="", help="more dpirrestore properties (model=..., steps=...)")
     ap.add_argument("--plugin", help="directory holding libgstdpir.so")
+    ap.add_argument("--pytorch", default="", help="comma-separated exported model dirs: PyTorch path instead of the element")
+    ap.add_argument("--ceiling", action="store_true", help="with --pytorch: also the autoencoder ceiling (see ceiling_rows)")
     a = ap.parse_args()
     if a.plugin:
         os.environ["GST_PLUGIN_PATH"] = a.plugin
@@ -65,8 +132,19 @@ def main():
         f"avdec_h264 ! videoconvert ! {caps(w, h, fps)} ! filesink location={lq}"
     )
     gt = frames(clean, w, h)
-    rows = [("compressed input (x264 %d kbit/s)" % a.bitrate, frames(lq, w, h))]
-    for f in [float(x) for x in a.fidelity.split(",")]:
+    lqf = frames(lq, w, h)
+    # `identity eos-after` lets through 50-53 frames depending on timing (seen here on a loaded machine, in either
+    # pipeline): compare the common prefix (frames come in order from the clip's start)
+    n = min(len(gt), len(lqf))
+    if len(gt) != len(lqf):
+        print(f"note: clean {len(gt)} frames, compressed {len(lqf)}: using the first {n}")
+    gt, lqf = gt[:n], lqf[:n]
+    rows = [("compressed input (x264 %d kbit/s)" % a.bitrate, lqf)]
+    fids = [float(x) for x in a.fidelity.split(",")]
+    if a.pytorch:
+        rows += pytorch_rows(a.pytorch.split(","), lqf.astype(np.uint8), fids)
+        fids = []
+    for f in fids:
         out = os.path.join(tmp, f"out{f}.rgb")
         launch(
             f"filesrc location={lq} ! rawvideoparse format=rgb width={w} height={h} framerate={fps} ! "
@@ -79,12 +157,19 @@ def main():
     dgt = np.diff(gt, axis=0)
     base = None
     for name, x in rows:
+        x = x[:n] if name.startswith("dpirrestore") else x
         if x.shape != gt.shape:
             sys.exit(f"{name}: {x.shape[0]} frames, expected {gt.shape[0]}: a frame was lost")
         per = ((x - gt) ** 2).mean(axis=(1, 2, 3))
         te = np.abs(np.diff(x, axis=0) - dgt).mean()
         base = base or te
         print(f"| {name} | {psnr(per.mean()):.2f} | {psnr(per.max()):.2f} | {te:.3f} | {te / base:.3f} |")
+    if a.pytorch and a.ceiling:
+        lq8 = lqf.astype(np.uint8)
+        for name, p, n in ceiling_rows(a.pytorch.split(","), gt.astype(np.uint8), lq8):
+            print(f"ceiling {name}: E(clean) -> D -> wavelet fix vs the compressed input's low band: {p:.2f} dB "
+                  f"({n} frames; the compressed input on the same frames: "
+                  f"{psnr(((lq8[::5].astype(np.float64) - gt[::5]) ** 2).mean()):.2f} dB)")
 
 
 if __name__ == "__main__":

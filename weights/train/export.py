@@ -39,17 +39,22 @@ def main():
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--shift", type=float, default=3.0)
-    ap.add_argument("--color-fix", default="none")
+    ap.add_argument("--color-fix", default="none",
+                    help="not written: the Rust manifest (src/model/loader.rs, deny_unknown_fields) has no such key; "
+                         "the colour fix is the element's `color-fix` property (default wavelet)")
     ap.add_argument("--pos-embed-max-size", type=int, default=8)
+    ap.add_argument("--tile-size", type=int, default=16, help="sampler.tile_size (latents; <= pos_embed_max_size * 2)")
+    ap.add_argument("--tile-overlap", type=int, default=4, help="sampler.tile_overlap (latents)")
+    ap.add_argument("--vae-tiling", default="56,4,2", help="vae.tiling tile,overlap,halo in latents ('' for none)")
     a = ap.parse_args()
     out = a.out
     for d in ["transformer", "vae", "image_encoder_one", "image_encoder_two"]:
         os.makedirs(os.path.join(out, d), exist_ok=True)
     vae = T.load_vae_frozen()
-    ck = torch.load(os.path.join(T.DATA, "ckpt/dit.pt"), weights_only=False)
+    ck = torch.load(os.path.join(T.CKPT, "dit.pt"), weights_only=False)
     if "dec" in ck:  # decoder fine-tuned during the DiT stage (encoder / latent space unchanged)
         vae.decoder.load_state_dict(ck["dec"])
-    dec_path = os.path.join(T.DATA, "ckpt/dec.pt")
+    dec_path = os.path.join(T.CKPT, "dec.pt")
     if os.path.exists(dec_path):  # stage `dec`: decoder fine-tuned on the sampler's outputs
         vae.decoder.load_state_dict(torch.load(dec_path, weights_only=False, map_location="cpu")["dec"])
     # The positional table is all zeros; its size only bounds the plugin's latent tile (pos_embed_max_size x
@@ -88,11 +93,14 @@ def main():
         "image_encoder_one": {"config": "image_encoder_one/config.json", "weights": ["image_encoder_one/model.safetensors"]},
         "image_encoder_two": {"config": "image_encoder_two/config.json", "weights": ["image_encoder_two/model.safetensors"]},
         "text_encoder": None,
-        "sampler": {"shift": a.shift, "num_train_timesteps": 1000, "default_steps": a.steps},
-        "color_fix": a.color_fix,
+        "sampler": {"shift": a.shift, "num_train_timesteps": 1000, "default_steps": a.steps, "tile_size": a.tile_size,
+                    "tile_overlap": a.tile_overlap},
         "prompt": {"text_tokens": M.TEXT_TOKENS, "clip_tokens": M.CLIP_TOKENS, "tile_size": 1024, "tile_stride": 960},
         "sha256": {f: sha(os.path.join(out, f)) for f in files},
     }
+    if a.vae_tiling:
+        t, o, h = (int(v) for v in a.vae_tiling.split(","))
+        manifest["vae"]["tiling"] = {"tile": t, "overlap": o, "halo": h}
     json.dump(manifest, open(os.path.join(out, "model.json"), "w"), indent=2)
     total = sum(os.path.getsize(os.path.join(out, f)) for f in files)
     print(json.dumps({"bytes": total, "params": {"transformer": M.count(tr), "vae": M.count(vae), "image_encoder_one": M.count(pe.one),

@@ -5,6 +5,7 @@ State-dict keys are exactly those of the official checkpoints / the Rust loader:
   vae:         diffusers AutoencoderKL names
   image encoders: HF CLIPVisionModelWithProjection names
 """
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -249,17 +250,21 @@ def load_model(d):
 
 
 @torch.no_grad()
-def nano_restore(mj, tr, vae, pe, up_u8, seed=2025, tile=0, noise=None):
+def nano_restore(mj, tr, vae, pe, up_u8, seed=2025, tile=0, noise=None, global_u8=None):
     """The plugin's per-frame path in PyTorch, for one frame already at the output size (sides
     multiples of 16): posterior-mode LQ latent, prompts, seeded (or given) initial noise, the
     sampler with the plugin's latent tiles, decode, wavelet colour fix. Returns (no colour fix,
-    wavelet), NCHW floats in [0, 1]."""
+    wavelet), NCHW floats in [0, 1]. global_u8: the clip's key frame for the global prompt (as the element:
+    global prompt per clip, local per frame); None: this frame (a still image)."""
     H, W = up_u8.shape[:2]
     up = torch.from_numpy(up_u8).permute(2, 0, 1)[None].float() / 255.0
     sf, sh = vae.config.scaling_factor, vae.config.shift_factor or 0.0
     mean = vae.encoder(up * 2 - 1).chunk(2, dim=1)[0]
     z_lq = (mean - sh) * sf
-    ctx, pooled = pe(up)
+    if global_u8 is None:
+        ctx, pooled = pe(up)
+    else:
+        ctx, pooled = pe(up, torch.from_numpy(np.ascontiguousarray(global_u8)).permute(2, 0, 1)[None].float() / 255.0)
     if noise is None:
         noise = torch.randn(z_lq.shape, generator=torch.Generator().manual_seed(seed))
     s = mj["sampler"]

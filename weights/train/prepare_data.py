@@ -257,7 +257,7 @@ def val_crop(im):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=os.environ.get("DPIR_DATA", "/root/dpir-data"))
+    ap.add_argument("--data", default=os.environ.get("DPIR_DATA", os.path.expanduser("~/dpir-data")))
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--per-image", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
@@ -273,6 +273,9 @@ def main():
     for src, name, op, lossy in train_sources(R):
         im, q, used_half = load_clean(op, lossy)
         train_imgs.append(im)
+        # the clean training photo itself (after the x1/2 rule), for pools that need whole source images
+        # (make_pool_v2.py: global visual prompts from the whole image a crop comes from)
+        np.save(os.path.join(tr_dir, f"{len(train_imgs) - 1:03d}_{src}.npy"), np.asarray(im))
         manifest["train"].append({"source": src, "name": name, "jpeg_q": q, "half": used_half, "size": im.size})
     val = []
     for src, name, op, lossy in val_sources(R):

@@ -2,7 +2,7 @@
 # Here (the build machine): fill .gpu-train/ (git-ignored; the device call carries it) for gpu.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-VENV=${VENV:-/root/venv-dpir}
+VENV=${VENV:-$HOME/venv-dpir}
 mkdir -p .gpu-train/old .gpu-train/new
 grep -qx '/.gpu-train/' .git/info/exclude || echo '/.gpu-train/' >> .git/info/exclude
 "$VENV/bin/python" weights/train/pack_pool.py .gpu-train --n "${POOL_N:-4400}"

@@ -4,8 +4,8 @@
 # Budget knobs: AE_MIN / DIT_MIN / DEC_MIN (wall-clock minutes per stage). Uses nice -n 10 and 2 threads.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
-VENV="${VENV:-/root/venv-dpir}"
-export DPIR_DATA="${DPIR_DATA:-/root/dpir-data}"
+VENV="${VENV:-$HOME/venv-dpir}"
+export DPIR_DATA="${DPIR_DATA:-$HOME/dpir-data}"
 DIT_MIN="${DIT_MIN:-37}"
 PY="nice -n 10 $VENV/bin/python"
 mkdir -p "$DPIR_DATA/logs" "$DPIR_DATA/ckpt"

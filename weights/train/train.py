@@ -2,7 +2,7 @@
 """Train dpir-nano: stage `ae` (AutoencoderKL distilled from TAESD3 + reconstruction), then stage `dit`
 (DPIR transformer + both vision towers, rectified-flow velocity loss conditioned on z_lq).
 
-Resumable: checkpoints under $DPIR_DATA/ckpt/{ae,dit}.pt (written every --ckpt-every steps and at the end).
+Resumable: checkpoints under $DPIR_CKPT (default $DPIR_DATA/ckpt)/{ae,dit,dec}.pt (written every --ckpt-every steps and at the end).
 Runs for --minutes of wall time or --steps steps, whichever comes first.
 """
 import argparse, json, math, os, sys, time
@@ -16,7 +16,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model as M
 from degrade import degrade
 
-DATA = os.environ.get("DPIR_DATA", "/root/dpir-data")
+DATA = os.environ.get("DPIR_DATA", os.path.expanduser("~/dpir-data"))
+# checkpoints: $DPIR_CKPT, else $DPIR_DATA/ckpt (a fine-tune keeps its own directory, e.g. $DPIR_DATA/ckpt-v2)
+CKPT = os.environ.get("DPIR_CKPT", os.path.join(DATA, "ckpt"))
+REPO = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+# shared weights (TAESD3 teacher): $DPIR_WEIGHTS, else ../shared/weights next to the repository
+WEIGHTS = os.environ.get("DPIR_WEIGHTS", os.path.normpath(os.path.join(REPO, "..", "shared", "weights")))
 
 
 # ------------------------------------------------------------------ TAESD3 teacher (madebyollin/taesd Encoder)
@@ -32,7 +37,8 @@ class _Block(nn.Module):
     def forward(self, x):
         return self.fuse(self.conv(x) + self.skip(x))
 
-def taesd_encoder(path="/work/shared/weights/taesd3/taesd3_encoder.safetensors", lc=16):
+def taesd_encoder(path=None, lc=16):
+    path = path or os.path.join(WEIGHTS, "taesd3", "taesd3_encoder.safetensors")
     enc = nn.Sequential(_conv(3, 64), _Block(64, 64),
                         _conv(64, 64, stride=2, bias=False), _Block(64, 64), _Block(64, 64), _Block(64, 64),
                         _conv(64, 64, stride=2, bias=False), _Block(64, 64), _Block(64, 64), _Block(64, 64),
@@ -89,6 +95,83 @@ class PairDataset(torch.utils.data.IterableDataset):
             yield torch.from_numpy(hq).permute(2, 0, 1), torch.from_numpy(np.ascontiguousarray(up)).permute(2, 0, 1)
 
 
+_POOL2 = {}
+
+def load_pool_v2():
+    """make_pool_v2.py's pool (memory-mapped): hq / lq frames 256, the whole photo's degraded CLIP view 224, meta."""
+    if not _POOL2:
+        for k in ("hq", "lq", "glob", "meta"):
+            _POOL2[k] = np.load(os.path.join(DATA, f"pool_v2_{k}.npy"), mmap_mode="r")
+    return _POOL2
+
+
+def _clip_view(u8):
+    """CLIPImageProcessor's geometry on 8-bit RGB (PIL bicubic, shortest side 224, centre crop 224), as the plugin."""
+    from PIL import Image
+    h, w = u8.shape[:2]
+    if min(h, w) != 224:
+        nh, nw = (224, max(224, int(224 * w / h))) if h <= w else (max(224, int(224 * h / w)), 224)
+        u8 = np.asarray(Image.fromarray(np.ascontiguousarray(u8)).resize((nw, nh), Image.BICUBIC))
+    h, w = u8.shape[:2]
+    t, l = (h - 224) // 2, (w - 224) // 2
+    return np.ascontiguousarray(u8[t:t + 224, l:l + 224])
+
+
+class PoolV2Dataset(torch.utils.data.IterableDataset):
+    """Endless (hq crop, lq_up crop, local prompt image, global prompt image) from make_pool_v2.py's pool:
+    DPIR's global-local visual training as the element feeds it. The crop (crop x crop of a 256 frame) is the tile
+    being restored; local prompt = the degraded FRAME (src/restorer.rs: local per frame) with p_local_frame, else
+    the crop itself; global = the degraded whole photo the frame comes from (the clip's key frame / the image),
+    or with p_global_self the frame itself (a still image, where the element's local and global views coincide).
+    Prompt images are returned as their 224x224 CLIP views (uint8)."""
+    def __init__(self, crop=128, seed=1, p_local_frame=0.6, p_global_self=0.25):
+        self.crop, self.seed, self.plf, self.pgs = crop, seed, p_local_frame, p_global_self
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, int(time.time()), info.id if info else 0])
+        P = load_pool_v2()
+        F = P["hq"].shape[1]
+        S = self.crop
+        n = 0
+        while True:
+            if n % 512 == 0:  # entries already written (make_pool_v2.py may still be filling the pool)
+                valid = np.flatnonzero(np.asarray(P["meta"][:, 0]) > 0)
+            n += 1
+            i = int(valid[int(rng.integers(len(valid)))])
+            y, x = (int(v) for v in rng.integers(0, F - S + 1, 2))
+            hq = np.asarray(P["hq"][i, y:y + S, x:x + S])
+            lqf = np.asarray(P["lq"][i])
+            lq = lqf[y:y + S, x:x + S]
+            loc = _clip_view(lqf if rng.random() < self.plf else lq)
+            glo = _clip_view(lqf) if rng.random() < self.pgs else np.asarray(P["glob"][i])
+            t = lambda a: torch.from_numpy(np.array(a)).permute(2, 0, 1)
+            yield t(hq), t(lq), t(loc), t(glo)
+
+
+def init_from_export(a):
+    """Inverse of export.py: the exported f16 files of a model directory (model.json, diffusers/HF names) ->
+    $DPIR_CKPT/{ae.pt, ae_norm.json, dit.pt} (weights only, step 0), so `dit` / `dec` fine-tune from them and
+    export.py re-exports. The autoencoder's latent normalisation comes from its vae/config.json."""
+    mj, tr, vae, pe = M.load_model(a.init_from)
+    os.makedirs(CKPT, exist_ok=True)
+    for p in ("ae.pt", "ae_norm.json", "dit.pt", "dec.pt"):
+        if os.path.exists(os.path.join(CKPT, p)) and not a.force:
+            sys.exit(f"{CKPT}/{p} exists (use --force to overwrite)")
+    sd = dict(tr.state_dict())
+    fresh = M.make_transformer()  # the training-size positional table (all zeros, as the export's)
+    assert sd["pos_embed.pos_embed"].abs().max() == 0
+    sd["pos_embed.pos_embed"] = torch.zeros_like(fresh.pos_embed.pos_embed)
+    fresh.load_state_dict(sd)
+    torch.save({"vae": vae.state_dict(), "step": 0, "spent": 0.0, "from": a.init_from}, os.path.join(CKPT, "ae.pt"))
+    json.dump({"shift_factor": vae.config.shift_factor, "scaling_factor": vae.config.scaling_factor,
+               "from": a.init_from}, open(os.path.join(CKPT, "ae_norm.json"), "w"))
+    torch.save({"tr": fresh.state_dict(), "pe": pe.state_dict(), "dec": vae.decoder.state_dict(), "step": 0, "spent": 0.0,
+                "from": a.init_from}, os.path.join(CKPT, "dit.pt"))
+    if os.path.exists(os.path.join(CKPT, "dec.pt")):
+        os.remove(os.path.join(CKPT, "dec.pt"))
+    print("initialised", CKPT, "from", a.init_from, json.dumps(mj["sampler"]))
+
+
 def to_pm1(u8):
     return u8.float() / 127.5 - 1.0
 
@@ -115,8 +198,8 @@ def log(f, **kv):
 
 # ------------------------------------------------------------------ stage AE
 def train_ae(a):
-    os.makedirs(os.path.join(DATA, "ckpt"), exist_ok=True)
-    path = os.path.join(DATA, "ckpt/ae.pt")
+    os.makedirs(CKPT, exist_ok=True)
+    path = os.path.join(CKPT, "ae.pt")
     dev = torch.device(a.device)
     vae = M.make_vae().to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=a.lr, weight_decay=0.0)
@@ -192,11 +275,15 @@ def train_ae(a):
 # ------------------------------------------------------------------ stage DiT
 SCHED_SIGMAS = None
 
-def draw_sigma(n, steps, shift, rng):
+def draw_sigma(n, steps, shift, rng, p1=0.0):
+    """p1: probability of sigma = 1 exactly (the shipped 1-step sampler's only sigma), else as before: half the
+    exact `steps`-step SD3 grid, half shifted-uniform."""
     grid = M.sd3_sigmas(steps, shift)[:-1]
     out = []
     for _ in range(n):
-        if rng.random() < 0.5:
+        if rng.random() < p1:
+            out.append(1.0)
+        elif rng.random() < 0.5:
             out.append(float(grid[int(rng.integers(len(grid)))]))
         else:
             u = rng.random()
@@ -208,10 +295,10 @@ def load_vae_frozen(dev="cpu"):
     """The trained AE with its latent normalisation (shift_factor, scaling_factor) measured on the training
     pool (posterior means of 256 random 128x128 crops) and stored in ckpt/ae_norm.json; M.VAE is updated."""
     vae = M.make_vae()
-    ck = torch.load(os.path.join(DATA, "ckpt/ae.pt"), weights_only=False, map_location="cpu")
+    ck = torch.load(os.path.join(CKPT, "ae.pt"), weights_only=False, map_location="cpu")
     vae.load_state_dict(ck["vae"])
     vae = vae.to(dev).eval().requires_grad_(False)
-    npath = os.path.join(DATA, "ckpt/ae_norm.json")
+    npath = os.path.join(CKPT, "ae_norm.json")
     if not os.path.exists(npath):
         pool = load_pool(128)
         rng = np.random.default_rng(5)
@@ -240,13 +327,16 @@ def encode_mode(vae, img_pm1):
 
 
 def train_dit(a):
-    path = os.path.join(DATA, "ckpt/dit.pt")
+    path = os.path.join(CKPT, "dit.pt")
     dev = torch.device(a.device)
     vae = load_vae_frozen(dev)
     tr = M.make_transformer().to(dev)
     pe = M.PromptEncoder().to(dev)
     params = list(tr.parameters()) + list(pe.parameters())
-    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    groups = [{"params": params, "base_lr": a.lr}]
+    if a.w_pix and a.train_dec:  # end-to-end pixel loss also trains the decoder (own learning rate)
+        groups.append({"params": list(vae.decoder.parameters()), "base_lr": a.dec_lr})
+    opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=0.01, betas=(0.9, 0.99))
     # The AE decoder keeps training (every --dec-every steps) while the DiT trains: the encoder, hence the
     # latent space the DiT learns, stays frozen.
     dec_params = list(vae.decoder.parameters())
@@ -268,7 +358,7 @@ def train_dit(a):
     sf, sh = M.VAE["scaling_factor"], M.VAE["shift_factor"]
     dec_loss = float("nan")
     tr.pos_embed.pos_embed.zero_()
-    ds = PairDataset(crop=a.crop, seed=step + 7, p_x1=a.p_x1)
+    ds = PairDataset(crop=a.crop, seed=step + 7, p_x1=a.p_x1) if a.pool == "v1" else PoolV2Dataset(crop=a.crop, seed=step + 7)
     dl = iter(torch.utils.data.DataLoader(ds, batch_size=a.batch, num_workers=a.workers, pin_memory=dev.type == "cuda",
                                           persistent_workers=a.workers > 0, prefetch_factor=4 if a.workers else None))
     rng = np.random.default_rng(99 + step)
@@ -276,25 +366,44 @@ def train_dit(a):
     t0 = time.time() - spent
     tr.train(); pe.train()
     ema = None
+    pix_loss = float("nan")
+    all_params = [p for g in opt.param_groups for p in g["params"]]
+    if a.w_pix and a.train_dec:
+        vae.decoder.train().requires_grad_(True)
     while step < a.steps and (time.time() - t0) < a.minutes * 60:
-        hq, up = next(dl)
-        hq, up = hq.to(dev, non_blocking=True), up.to(dev, non_blocking=True)
+        b = next(dl)
+        hq, up = b[0].to(dev, non_blocking=True), b[1].to(dev, non_blocking=True)
         hq_pm1, up_pm1 = to_pm1(hq), to_pm1(up)
         z0 = encode_mode(vae, hq_pm1)
         zl = encode_mode(vae, up_pm1)
-        ctx, pooled = pe(up.float() / 255.0)
-        sig = draw_sigma(z0.shape[0], a.sample_steps, a.shift, rng).to(dev)
+        if len(b) == 4:  # v2 pool: local prompt (frame or crop) and global prompt (the whole photo), as CLIP views
+            ctx, pooled = pe(b[2].to(dev).float() / 255.0, b[3].to(dev).float() / 255.0)
+        else:
+            ctx, pooled = pe(up.float() / 255.0)
+        sig = draw_sigma(z0.shape[0], a.sample_steps, a.shift, rng, a.p_sigma1).to(dev)
         eps = torch.randn_like(z0)
         s4 = sig.view(-1, 1, 1, 1)
         xs = (1 - s4) * z0 + s4 * eps
         v = tr.dpir_forward(xs, zl, ctx, pooled, sig * 1000.0)
         loss = F.mse_loss(v, eps - z0)
+        sel = sig > 0.999
+        if a.w_pix and sel.any():
+            # what the plugin outputs at 1 step: x0 = x_1 - v, decoded, wavelet colour fix against the LQ; L1 + 4 MSE
+            x0 = (xs - s4 * v)[sel]
+            dec = vae.decoder(x0 / sf + sh)
+            out01 = M.wavelet_color_fix(((dec + 1) / 2).clamp(0, 1), up[sel].float() / 255.0)
+            d = out01 - hq[sel].float() / 255.0
+            lp = d.abs().mean() + 4.0 * (d ** 2).mean()
+            loss = loss + a.w_pix * lp
+            pix_loss = lp.item()
         frac = (time.time() - t0) / (a.minutes * 60)
-        lr = M.cosine_lr(a.lr, frac, (step - step0 + 1) / 200)
-        M.set_lr(opt, lr)
+        warm = (step - step0 + 1) / a.warmup
+        for g in opt.param_groups:
+            g["lr"] = M.cosine_lr(g.get("base_lr", a.lr), frac, warm)
+        lr = opt.param_groups[0]["lr"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(all_params, 1.0)
         opt.step()
         with torch.no_grad():
             tr.pos_embed.pos_embed.zero_()
@@ -318,7 +427,7 @@ def train_dit(a):
                 x0p = xs - s4 * v
                 x0_err = F.mse_loss(x0p[sig > 0.99], z0[sig > 0.99]).item() if (sig > 0.99).any() else float("nan")
             log(lf, stage="dit", step=step, t=round(time.time() - t0), loss=round(loss.item(), 4), ema=round(ema, 4),
-                x0_err_at_1=round(x0_err, 4), dec_l1=round(dec_loss, 4), lr=lr)
+                x0_err_at_1=round(x0_err, 4), dec_l1=round(dec_loss, 4), pix=round(pix_loss, 4), lr=lr)
         if step % a.ckpt_every == 0:
             save_ckpt(path, tr=tr.state_dict(), pe=pe.state_dict(), opt=opt.state_dict(), dec=vae.decoder.state_dict(),
                       dec_opt=dec_opt.state_dict(), step=step, spent=time.time() - t0)
@@ -332,10 +441,10 @@ def train_dec(a):
     """Fine-tune the AE decoder on what the plugin decodes: latents sampled by the frozen DiT (a.sample_steps
     Euler steps, shift a.shift) from z_lq of degraded crops, against the HQ crop after the shipped colour fix
     (--color-fix wavelet|none). The DiT, its velocity training and the encoder (latent space) are untouched."""
-    path = os.path.join(DATA, "ckpt/dec.pt")
+    path = os.path.join(CKPT, "dec.pt")
     dev = torch.device(a.device)
     vae = load_vae_frozen(dev)
-    ck = torch.load(os.path.join(DATA, "ckpt/dit.pt"), weights_only=False, map_location=dev)
+    ck = torch.load(os.path.join(CKPT, "dit.pt"), weights_only=False, map_location=dev)
     tr = M.make_transformer().to(dev); tr.load_state_dict(ck["tr"]); tr.eval().requires_grad_(False)
     pe = M.PromptEncoder().to(dev); pe.load_state_dict(ck["pe"]); pe.eval().requires_grad_(False)
     if "dec" in ck:
@@ -351,16 +460,19 @@ def train_dec(a):
     step0 = step
     vae.decoder.train().requires_grad_(True)
     sf, sh = M.VAE["scaling_factor"], M.VAE["shift_factor"]
-    ds = PairDataset(crop=a.crop, seed=step + 11, p_x1=a.p_x1)
+    ds = PairDataset(crop=a.crop, seed=step + 11, p_x1=a.p_x1) if a.pool == "v1" else PoolV2Dataset(crop=a.crop, seed=step + 11)
     dl = iter(torch.utils.data.DataLoader(ds, batch_size=a.batch, num_workers=a.workers))
     lf = open(os.path.join(DATA, "logs/dec.jsonl"), "a")
     t0 = time.time() - spent
     while step < a.steps and (time.time() - t0) < a.minutes * 60:
-        hq, up = next(dl)
-        hq, up = hq.to(dev), up.to(dev)
+        b = next(dl)
+        hq, up = b[0].to(dev), b[1].to(dev)
         with torch.no_grad():
             zl = encode_mode(vae, to_pm1(up))
-            ctx, pooled = pe(up.float() / 255.0)
+            if len(b) == 4:
+                ctx, pooled = pe(b[2].to(dev).float() / 255.0, b[3].to(dev).float() / 255.0)
+            else:
+                ctx, pooled = pe(up.float() / 255.0)
             z = M.sample(tr, zl, ctx, pooled, torch.randn_like(zl), a.sample_steps, a.shift)
         out01 = (vae.decoder(z / sf + sh) + 1) / 2
         if a.color_fix == "wavelet":
@@ -387,7 +499,17 @@ def train_dec(a):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("stage", choices=["ae", "dit", "dec"])
+    ap.add_argument("stage", choices=["ae", "dit", "dec", "init"])
+    ap.add_argument("--init-from", default=os.path.join(REPO, "weights", "dpir-nano"),
+                    help="stage init: exported model directory to start a fine-tune from (into $DPIR_CKPT)")
+    ap.add_argument("--force", action="store_true", help="stage init: overwrite existing checkpoints")
+    ap.add_argument("--pool", default="v1", choices=["v1", "v2"],
+                    help="v1: pool_train_128 + on-the-fly degrade_v1; v2: make_pool_v2.py's pool (global-local prompts)")
+    ap.add_argument("--p-sigma1", type=float, default=0.0, help="dit: fraction of samples at sigma = 1 (the 1-step path)")
+    ap.add_argument("--w-pix", type=float, default=0.0,
+                    help="dit: weight of the pixel loss of the 1-step output (decoded, wavelet-fixed) on sigma=1 samples")
+    ap.add_argument("--train-dec", action="store_true", help="dit with --w-pix: train the decoder too (lr --dec-lr)")
+    ap.add_argument("--warmup", type=int, default=200, help="dit: warm-up steps")
     ap.add_argument("--minutes", type=float, default=20)
     ap.add_argument("--steps", type=int, default=10 ** 9)
     ap.add_argument("--batch", type=int, default=16)
@@ -420,8 +542,10 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     os.makedirs(os.path.join(DATA, "logs"), exist_ok=True)
-    os.makedirs(os.path.join(DATA, "ckpt"), exist_ok=True)
-    if a.stage == "ae":
+    os.makedirs(CKPT, exist_ok=True)
+    if a.stage == "init":
+        init_from_export(a)
+    elif a.stage == "ae":
         a.lr = a.lr or 1e-3
         train_ae(a)
     elif a.stage == "dit":
