@@ -98,12 +98,13 @@ impl OutPtr {
     }
 }
 
-/// `dst (m × n, row stride dst_rs) += lhs (m × k, row-major) · rhs (k × n, row stride rhs_rs)`,
-/// single-threaded (callers split the work).
+/// `dst (m × n, row stride dst_rs) (+)= lhs (m × k, row-major) · rhs (k × n, row stride rhs_rs)`:
+/// added to `dst` when `accumulate`, else overwriting it; single-threaded (callers split the work).
 ///
 /// # Safety
 /// The pointers must cover the extents given.
-unsafe fn gemm_acc(
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_rm(
     m: usize,
     n: usize,
     k: usize,
@@ -112,6 +113,7 @@ unsafe fn gemm_acc(
     lhs: *const f32,
     rhs: *const f32,
     rhs_rs: usize,
+    accumulate: bool,
 ) {
     unsafe {
         gemm::gemm(
@@ -121,7 +123,7 @@ unsafe fn gemm_acc(
             dst,
             1,
             dst_rs as isize,
-            true,
+            accumulate,
             lhs,
             1,
             k as isize,
@@ -129,45 +131,6 @@ unsafe fn gemm_acc(
             1,
             rhs_rs as isize,
             1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
-/// `dst (m × n, row stride dst_rs) = lhs · rhs`, as [`gemm_acc`] but overwriting `dst`.
-///
-/// # Safety
-/// The pointers must cover the extents given.
-unsafe fn gemm_into(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: *const f32,
-    rhs: *const f32,
-    rhs_rs: usize,
-) {
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            false,
-            lhs,
-            1,
-            k as isize,
-            rhs,
-            1,
-            rhs_rs as isize,
-            0.0,
             1.0,
             false,
             false,
@@ -268,7 +231,7 @@ pub fn conv2d(
                         let (bi, p0) = (item / blocks, (item % blocks) * 4096);
                         let n = 4096.min(plane - p0);
                         unsafe {
-                            gemm_acc(
+                            gemm_rm(
                                 cout,
                                 n,
                                 cin,
@@ -277,6 +240,7 @@ pub fn conv2d(
                                 weight.as_ptr(),
                                 xs.as_ptr().add(bi * cin * h * w + p0),
                                 h * w,
+                                true,
                             )
                         };
                     }
@@ -311,7 +275,7 @@ pub fn conv2d(
                         }
                     }
                     unsafe {
-                        gemm_acc(
+                        gemm_rm(
                             cout,
                             npos,
                             k_len,
@@ -320,6 +284,7 @@ pub fn conv2d(
                             weight.as_ptr(),
                             col.as_ptr(),
                             npos,
+                            true,
                         )
                     };
                 }
@@ -436,7 +401,7 @@ pub fn upsample2x_conv3x3(x: &Tensor, weights: &SubPixelWeights, bias: Option<&[
                             p.fill(bias.map_or(0.0, |bv| bv[co]));
                         }
                         unsafe {
-                            gemm_acc(
+                            gemm_rm(
                                 cout,
                                 npos,
                                 k_len,
@@ -445,6 +410,7 @@ pub fn upsample2x_conv3x3(x: &Tensor, weights: &SubPixelWeights, bias: Option<&[
                                 weights.phases[ph].as_ptr(),
                                 col.as_ptr(),
                                 npos,
+                                true,
                             )
                         };
                         // Interleave the phase into the output: rows 2i + a, columns 2j + b.
@@ -562,7 +528,7 @@ pub fn conv3x3_winograd(x: &Tensor, wg: &WinogradWeights, bias: Option<&[f32]>) 
                     }
                     for e in 0..16 {
                         unsafe {
-                            gemm_into(
+                            gemm_rm(
                                 cout,
                                 nt,
                                 cin,
@@ -571,6 +537,7 @@ pub fn conv3x3_winograd(x: &Tensor, wg: &WinogradWeights, bias: Option<&[f32]>) 
                                 wg.u.as_ptr().add(e * cout * cin),
                                 v.as_ptr().add(e * cin * nt),
                                 nt,
+                                false,
                             )
                         };
                     }
