@@ -659,6 +659,15 @@ def connect_ray(args, say):
 
 
 _cleanup = []
+# The signal that stopped the run (SIGINT, SIGTERM), if any. Ray's core worker runs Python's signal
+# handlers from inside ray.wait/ray.get and can drop the KeyboardInterrupt they raise, so the loop
+# and the join also check this flag: an interrupted run never goes on to report success.
+_stop = {"signal": None}
+
+
+def check_interrupted():
+    if _stop["signal"] is not None:
+        raise KeyboardInterrupt
 
 
 def cleanup_and_exit(code):
@@ -965,6 +974,7 @@ def main(argv):
         attempts = {}
         progress.t0 = time.monotonic()
         while pending:
+            check_interrupted()
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             for ev in ray.get(log.drain.remote()):
                 kind, cid, token = ev[0], ev[1], ev[2]
@@ -1003,6 +1013,7 @@ def main(argv):
             progress.draw()
         progress.close()
     rendered = len(todo)
+    check_interrupted()
 
     out_caps = {done[c["id"]]["out_caps"] for c in chunks}
     if len(out_caps) != 1:
@@ -1011,6 +1022,7 @@ def main(argv):
     segments = [{"path": seg_paths(c)[0], "first": c["first"], "frames": c["frames"]} for c in chunks]
     say(f"joining {len(chunks)} segments into {args.output}" + (" with the source's audio" if has_audio else ""))
     join_s = join(plan, segments, in_path, tmp_out, container, has_audio, say)
+    check_interrupted()  # tmp_out is removed by the cleanup: no output
     os.replace(tmp_out, out_path)
     if not args.keep_parts:
         remove_parts(work)
@@ -1019,10 +1031,12 @@ def main(argv):
 
 
 def entry():
-    def on_term(_sig, _frame):
+    def on_signal(sig, _frame):
+        _stop["signal"] = sig
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     code = 0
     try:
         main(sys.argv[1:])
