@@ -450,6 +450,15 @@ impl RestoreEngine for DpirEngine {
     }
 
     fn restore(&mut self, frame: &Image, ctx: &FrameContext) -> Result<Image, EngineError> {
+        if self.settings.fidelity >= 1.0 {
+            // fidelity=1 asks for the LQ frame itself: the blend would discard the model's output,
+            // so the model does not run (the same values as `(1 − 1)·restored + 1·LQ`).
+            let t0 = Instant::now();
+            let up = self.upsample(frame).map_err(|e| EngineError::Runtime(format!("DPIR: upsampling: {e:#}")))?;
+            self.last_timings = FrameTimings { upsample: t0.elapsed(), ..Default::default() };
+            self.last_time = Some(t0.elapsed());
+            return Ok(Image { width: up.width, height: up.height, data: up.rgb });
+        }
         self.restore_traced(frame, ctx, None).map(|(img, _)| img)
     }
 

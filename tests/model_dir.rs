@@ -357,6 +357,35 @@ fn engine_settings(model: &Path, low_memory: bool) -> EngineSettings {
     }
 }
 
+/// `fidelity=1` returns the LQ frame (the input upsampled to the output size) without running
+/// the model: no prompt is encoded and no frame is sampled, and the values are the upsampled
+/// input's, at `scale=2` as at 1.
+#[test]
+fn fidelity_one_returns_the_upsampled_input_without_running_the_model() {
+    let d = fixture_model_dir("fidelity-one", false);
+    let settings = EngineSettings { fidelity: 1.0, ..engine_settings(&d, false) };
+    let mut e = DpirEngine::load(&settings).unwrap();
+    e.configure(&StreamInfo { in_width: 20, in_height: 12, scale: 2, fps: None, depth: 8 }).unwrap();
+    let mut img = gstdpir::engine::Image::new(20, 12);
+    for (i, v) in img.data.iter_mut().enumerate() {
+        *v = ((i * 37) % 256) as f32 / 255.0;
+    }
+    let ctx = FrameContext {
+        index: 0,
+        clip_index: 0,
+        new_clip: Some(ClipReason::Start),
+        prompt: String::new(),
+        cancel: Default::default(),
+    };
+    let out = e.restore(&img, &ctx).unwrap();
+    let up = e.upsample(&img).unwrap();
+    assert_eq!((out.width, out.height), (40, 24));
+    assert!(out.data == up.rgb, "fidelity=1 is not the upsampled input");
+    let stats = e.stats();
+    assert_eq!((stats.frames, stats.local_encodes, stats.global_encodes), (0, 0, 0), "the model ran: {stats:?}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
 #[test]
 fn two_elements_naming_the_same_directory_share_one_loaded_model() {
     let d = fixture_model_dir("shared", false);

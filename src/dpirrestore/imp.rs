@@ -1088,7 +1088,7 @@ impl ObjectImpl for DpirRestore {
                     .nick("Fidelity")
                     .blurb(
                         "0: full restoration. Up to 1: the output is blended towards the input upsampled to the output \
-                         size, (1 - fidelity) x restored + fidelity x input (1: the input back; use it to tone down \
+                         size, (1 - fidelity) x restored + fidelity x input (1: the input back, without running the model; use it to tone down \
                          a model on material it does not suit)",
                     )
                     .minimum(0.0)
