@@ -123,13 +123,7 @@ fn element_and_library(
     }
     let mut engine = DpirEngine::load(settings).unwrap();
     engine.configure(&StreamInfo { in_width: w, in_height: h, scale, fps: None, depth: 8 }).unwrap();
-    let ctx = FrameContext {
-        index: 0,
-        clip_index: 0,
-        new_clip: Some(ClipReason::Start),
-        prompt: settings.prompt.clone(),
-        cancel: Default::default(),
-    };
+    let ctx = first_frame(&settings.prompt);
     let lib = engine.restore(&img, &ctx).unwrap();
     let (ow, oh, ostride) = (out_info.width() as usize, out_info.height() as usize, out_info.stride()[0] as usize);
     assert_eq!((lib.width, lib.height), (ow, oh));
@@ -191,6 +185,17 @@ fn element_output_equals_the_library_for_every_model_property() {
         eprintln!("[{props}] element == library ({w}x{h}, {:.1} s)", t0.elapsed().as_secs_f64());
     }
     std::fs::remove_dir_all(&model).ok();
+}
+
+/// The context of a stream's first frame (a new clip) with `prompt`.
+fn first_frame(prompt: &str) -> FrameContext {
+    FrameContext {
+        index: 0,
+        clip_index: 0,
+        new_clip: Some(ClipReason::Start),
+        prompt: prompt.into(),
+        cancel: Default::default(),
+    }
 }
 
 /// The RGB rows of a captured 8-bit RGB buffer, without the stride's padding.
@@ -370,13 +375,7 @@ fn fidelity_one_returns_the_upsampled_input_without_running_the_model() {
     for (i, v) in img.data.iter_mut().enumerate() {
         *v = ((i * 37) % 256) as f32 / 255.0;
     }
-    let ctx = FrameContext {
-        index: 0,
-        clip_index: 0,
-        new_clip: Some(ClipReason::Start),
-        prompt: String::new(),
-        cancel: Default::default(),
-    };
+    let ctx = first_frame("");
     let out = e.restore(&img, &ctx).unwrap();
     let up = e.upsample(&img).unwrap();
     assert_eq!((out.width, out.height), (40, 24));
@@ -492,13 +491,7 @@ fn a_16_bit_ramp_finer_than_one_8_bit_level_survives_the_element() {
             frame.data[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&[v; 3]);
         }
     }
-    let ctx = FrameContext {
-        index: 0,
-        clip_index: 0,
-        new_clip: Some(ClipReason::Start),
-        prompt: String::new(),
-        cancel: Default::default(),
-    };
+    let ctx = first_frame("");
     let (out, trace) = engine.restore_traced(&frame, &ctx, None).unwrap();
     let lq = trace.lq.squeeze(0).unwrap().permute((1, 2, 0)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let lq_err = lq.iter().zip(&frame.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
