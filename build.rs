@@ -8,7 +8,10 @@ use std::path::Path;
 fn main() {
     gst_plugin_version_helper::info();
 
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/dpir-nano");
+    // The manifest directory of THIS run, not `env!` (baked in when the script was compiled): a
+    // target directory shared by several clones reuses the compiled script, and with `env!` a clone
+    // would embed (or, once that clone is gone, silently miss) another clone's model.
+    let dir = Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("weights/dpir-nano");
     println!("cargo:rerun-if-changed={}", dir.display());
     // Named on its own too: a run that found no model.json must rerun once it appears (a directory
     // alone is not watched for files changing inside it).
