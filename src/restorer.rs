@@ -102,6 +102,8 @@ pub struct FrameTimings {
     pub sample: Duration,
     pub decode: Duration,
     pub color_fix: Duration,
+    /// The model's fusion stage (zero when it has none).
+    pub fusion: Duration,
 }
 
 impl std::fmt::Display for FrameTimings {
@@ -109,13 +111,15 @@ impl std::fmt::Display for FrameTimings {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         write!(
             f,
-            "upsample {:.1} ms, prompts {:.1} ms, encode {:.1} ms, sample {:.1} ms, decode {:.1} ms, colour fix {:.1} ms",
+            "upsample {:.1} ms, prompts {:.1} ms, encode {:.1} ms, sample {:.1} ms, decode {:.1} ms, colour fix {:.1} ms, \
+             fusion {:.1} ms",
             ms(self.upsample),
             ms(self.prompts),
             ms(self.encode),
             ms(self.sample),
             ms(self.decode),
-            ms(self.color_fix)
+            ms(self.color_fix),
+            ms(self.fusion)
         )
     }
 }
@@ -348,6 +352,15 @@ impl DpirEngine {
         // official quantises to 8 bits in between; 16-bit output keeps them).
         let out01 = ((&out.decoded + 1.0)? / 2.0)?.clamp(0f32, 1f32)?;
         let fixed = self.settings.color_fix.apply(&out01, &lq)?.clamp(0f32, 1f32)?;
+        let t_fix = t0.elapsed();
+        // The model's fusion stage (if any) takes the LQ frame's detail back where the model has
+        // nothing better; trained on the colour-fixed output, so it comes after the fix.
+        let t1 = Instant::now();
+        let fixed = match &model.fusion {
+            Some(fusion) => fusion.forward(&lq, &fixed)?.clamp(0f32, 1f32)?,
+            None => fixed,
+        };
+        let t_fusion = t1.elapsed();
         // Fidelity: a pixel-space blend towards the LQ frame (both in [0, 1]: no clamp needed).
         let f = self.settings.fidelity;
         let fixed = if f > 0.0 { ((fixed * (1.0 - f))? + (&lq * f)?)? } else { fixed };
@@ -358,7 +371,8 @@ impl DpirEngine {
         self.last_timings.encode = out.times.encode + t_prep;
         self.last_timings.sample = out.times.sample;
         self.last_timings.decode = out.times.decode;
-        self.last_timings.color_fix = t0.elapsed();
+        self.last_timings.color_fix = t_fix + t0.elapsed().saturating_sub(t_fix + t_fusion);
+        self.last_timings.fusion = t_fusion;
         self.cache.stats.frames += 1;
         self.cache.stats.frame_time += t_frame.elapsed();
         let trace = FrameTrace {
@@ -473,14 +487,15 @@ impl RestoreEngine for DpirEngine {
     fn describe(&self) -> String {
         let t = self.sampler.tiling.unwrap_or_default();
         format!(
-            "{} on {:?} ({:?}), {} steps, latent tiles {} / overlap {}, colour fix {}",
+            "{} on {:?} ({:?}), {} steps, latent tiles {} / overlap {}, colour fix {}{}",
             self.model.name,
             self.model.device.location(),
             self.model.dtype,
             self.sampler.steps,
             t.tile,
             t.overlap,
-            self.settings.color_fix
+            self.settings.color_fix,
+            if self.model.fusion.is_some() { ", fusion stage" } else { "" }
         )
     }
 

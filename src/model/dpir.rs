@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::autoencoder::Autoencoder;
 use super::clip::{ClipVisionConfig, ClipVisionModel};
+use super::fusion::{Fusion, FusionConfig};
 use super::loader::{AutoencoderSpec, Component, LoadError, ModelFiles, ModelSource};
 use super::prompt::{ImagePromptEncoder, PromptConfig, TilingMode};
 use super::scheduler::FlowMatchEulerConfig;
@@ -124,6 +125,8 @@ pub struct DpirModel {
     pub transformer_config: DpirTransformerConfig,
     pub autoencoder: Box<dyn Autoencoder>,
     pub image: ImagePromptEncoder,
+    /// The optional full-resolution stage after the colour fix (`fusion` in model.json).
+    pub fusion: Option<Fusion>,
     /// T5 (SD3: 4.7 B parameters, ~9 GB in bf16). With `low-memory` it is dropped after each
     /// new prompt's embedding and loaded again for the next one: prompts are computed once per
     /// clip, so this costs a reload per prompt change, not per frame. candle-transformers' T5
@@ -201,6 +204,17 @@ impl DpirModel {
             )));
         }
 
+        let fusion = match &m.fusion {
+            None => None,
+            Some(c) => {
+                let cfg: FusionConfig = files.config(&c.config)?;
+                let vb = files.var_builder(&c.weights, dtype, device)?;
+                Some(
+                    Fusion::new(&cfg, vb)
+                        .map_err(|e| model_err(&format!("fusion {}", c.weights.join(", ")), &files, e))?,
+                )
+            }
+        };
         let text = match &m.text_encoder {
             None => None,
             Some(_) => Some(load_text_encoder(&files, dtype, device)?),
@@ -212,6 +226,7 @@ impl DpirModel {
             transformer_config,
             autoencoder,
             image,
+            fusion,
             has_text: text.is_some(),
             text: Mutex::new(text),
             device: device.clone(),

@@ -24,6 +24,8 @@
 //! `"tiling": {"tile": 128, "overlap": 16, "halo": 16}` (latent units) for frames larger than
 //! one tile. `text_encoder`
 //! may be `null` or absent: the text slots are then zeros (DPIR's unconditional text input).
+//! `fusion` (optional, `{"config": "fusion/config.json", "weights": ["fusion/model.safetensors"]}`)
+//! adds the full-resolution stage after the colour fix (`src/model/fusion.rs`).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -66,6 +68,10 @@ pub struct Manifest {
     pub image_encoder_two: Component,
     #[serde(default)]
     pub text_encoder: Option<TextSpec>,
+    /// Optional full-resolution stage after the colour fix ([`crate::model::fusion`]); DPIR's
+    /// own checkpoints have none.
+    #[serde(default)]
+    pub fusion: Option<Component>,
     #[serde(default)]
     pub sampler: SamplerSpec,
     #[serde(default)]
@@ -275,6 +281,9 @@ impl ModelFiles {
         if let Some(t) = &m.text_encoder {
             v.extend(t.weights.iter().cloned());
         }
+        if let Some(f) = &m.fusion {
+            v.extend(f.weights.iter().cloned());
+        }
         v
     }
 
@@ -287,6 +296,9 @@ impl ModelFiles {
         }
         if let Some(t) = &m.text_encoder {
             v.push(t.config.clone());
+        }
+        if let Some(f) = &m.fusion {
+            v.push(f.config.clone());
         }
         v
     }

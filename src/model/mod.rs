@@ -7,6 +7,7 @@ pub mod clip;
 pub mod color_fix;
 pub mod cpu_ops;
 pub mod dpir;
+pub mod fusion;
 pub mod layers;
 pub mod loader;
 pub mod pipeline;

@@ -40,11 +40,21 @@ def stlpips_model():
     return m.eval()
 
 
-def nano_restore(mj, tr, vae, pe, up_u8, seed=SEED, tile=0):
-    """dpir-nano on one frame already at the output size: (no colour fix, wavelet) as uint8."""
-    out01, wav = M.nano_restore(mj, tr, vae, pe, up_u8, seed=seed, tile=tile)
+def nano_restore(mj, tr, vae, pe, up_u8, seed=SEED, tile=0, fidelities=()):
+    """dpir-nano on one frame already at the output size, as uint8: {no colour fix, wavelet, and when the model has
+    a fusion stage: + fusion, and that blended towards the input by each fidelity f (the element's pixel blend)}."""
+    out01, wav = M.nano_restore(mj, tr, vae, pe, up_u8, seed=seed, tile=tile, fusion=False)
     to8 = lambda t: (t[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return to8(out01), to8(wav)
+    res = {"nano": to8(out01), "nano+wavelet": to8(wav)}
+    fu = getattr(pe, "fusion", None)
+    if fu is not None:
+        up = torch.from_numpy(up_u8).permute(2, 0, 1)[None].float() / 255.0
+        with torch.no_grad():
+            fused = fu(up, wav).clamp(0, 1)
+        res["nano+wavelet+fusion"] = to8(fused)
+        for f in fidelities:
+            res[f"fusion, fidelity {f}"] = to8(fused * (1 - f) + up * f)
+    return res
 
 
 @torch.no_grad()
@@ -101,6 +111,7 @@ def main():
     ap.add_argument("--mix", default="v1", choices=["v1", "v2"], help="degradation mix (v1: the card's; v2: degrade_seeded)")
     ap.add_argument("--tag", default="", help="name of this run in the summary file name")
     ap.add_argument("--no-baselines", action="store_true", help="skip the model-independent Lanczos / ffmpeg rows")
+    ap.add_argument("--fidelity", default="", help="with a fusion stage: also rows blended towards the input, e.g. 0.25,0.5")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     files = sorted(glob.glob(os.path.join(a.val, "*.png")))
@@ -111,6 +122,9 @@ def main():
     if a.steps:
         mj["sampler"]["default_steps"] = a.steps
     methods = ["input", "lanczos", "hqdn3d+lanczos", "nlmeans+lanczos", "nano", "nano+wavelet", "ae round trip of HQ"]
+    fids = [float(x) for x in a.fidelity.split(",") if x]
+    if getattr(pe, "fusion", None) is not None:
+        methods[6:6] = ["nano+wavelet+fusion"] + [f"fusion, fidelity {f}" for f in fids]
     if a.plugin:
         methods.insert(6, "nano (plugin)")
     if a.no_baselines:
@@ -133,7 +147,7 @@ def main():
             outs.update({"lanczos": np.asarray(Image.fromarray(lq).resize((W, H), Image.LANCZOS)),
                          "hqdn3d+lanczos": ffmpeg_chain(lq, W, H, "hqdn3d=4:3:6:4.5"),
                          "nlmeans+lanczos": ffmpeg_chain(lq, W, H, "nlmeans=s=3:p=7:r=9")})
-        outs["nano"], outs["nano+wavelet"] = nano_restore(mj, tr, vae, pe, up, tile=a.tile)
+        outs.update(nano_restore(mj, tr, vae, pe, up, tile=a.tile, fidelities=fids))
         outs["ae round trip of HQ"] = ae_round_trip(vae, hq)
         if plugin_out is not None:
             outs["nano (plugin)"] = plugin_out[idx]  # the autoencoder's ceiling, not a method
@@ -146,7 +160,8 @@ def main():
         if a.save:
             os.makedirs(a.save, exist_ok=True)
             name = os.path.splitext(os.path.basename(f))[0]
-            Image.fromarray(np.concatenate([outs["input"], outs["nano+wavelet"], hq], axis=1)).save(
+            best = outs.get("nano+wavelet+fusion", outs["nano+wavelet"])
+            Image.fromarray(np.concatenate([outs["input"], best, hq], axis=1)).save(
                 os.path.join(a.save, f"{name}.png"))
         print(os.path.basename(f), " ".join(f"{m}:{res[m][-1][0]:.2f}/{res[m][-1][2]:.3f}" for m in methods), flush=True)
     print(f"\n{len(files)} validation photos, x{a.scale}, fixed-seed degradations (seed {SEED}, mix {a.mix}), crop {a.crop or 'full'}, model {a.model}")

@@ -133,6 +133,38 @@ class PromptEncoder(nn.Module):
         return tok, pooled
 
 
+class Fusion(nn.Module):
+    """The LQ-skip fusion stage (model.json `fusion`, src/model/fusion.rs): after the colour fix,
+    `out = lq + high(r(lq, restored - lq))`, r = pixel-unshuffle (x`downscale`) -> `num_layers` 3x3 convolutions
+    (`channels` wide, ReLU between) -> pixel-shuffle, high = minus the wavelet colour fix's low band (5 levels). Zero-initialised last layer: untrained it returns the input,
+    so training starts from "never worse than the input" and learns what of the diffusion output to keep
+    (fidelity in the spirit of StableSR's CFW, at full resolution in pixel space). Weights `convs.{i}.{weight,bias}`."""
+
+    def __init__(self, channels=48, num_layers=8, downscale=2):
+        super().__init__()
+        r = downscale
+        self.config = dict(channels=channels, num_layers=num_layers, downscale=downscale)
+        widths = [6 * r * r] + [channels] * (num_layers - 1) + [3 * r * r]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(widths[:-1], widths[1:]))
+        nn.init.zeros_(self.convs[-1].weight)
+        nn.init.zeros_(self.convs[-1].bias)
+
+    def forward(self, lq, restored):
+        """lq, restored: NCHW in [0, 1], sides multiples of `downscale`. Returns the fused frame (unclamped)."""
+        r = self.config["downscale"]
+        x = F.pixel_unshuffle(torch.cat([lq, restored - lq], dim=1), r)
+        for i, c in enumerate(self.convs):
+            x = c(x)
+            if i + 1 < len(self.convs):
+                x = F.relu(x)
+        out = lq + F.pixel_shuffle(x, r)
+        if not getattr(self, "high_pass", True):  # training's first phase only (fusion.py --no-high-pass)
+            return out
+        # The low band stays the input's (the wavelet colour fix's split): the stage restores detail, noise and
+        # blocks, never global tone, which it cannot tell from a photo's own colours.
+        return wavelet_color_fix(out, lq)
+
+
 # ---------------------------------------------------------------- sampler (SD3 FlowMatchEuler, fixture 3.7)
 def sd3_sigmas(n, shift=3.0):
     import numpy as np
@@ -246,15 +278,29 @@ def load_model(d):
         m = CLIPVisionModelWithProjection(CLIPVisionConfig(**c))
         m.load_state_dict({k: v.float() for k, v in load_file(os.path.join(d, mj[name]["weights"][0])).items()})
         setattr(pe, tower, m)
+    pe.fusion = load_fusion(d, mj)
     return mj, tr.eval(), vae.eval(), pe.eval()
 
 
+def load_fusion(d, mj):
+    """The model's fusion stage (model.json `fusion`), or None."""
+    import json, os
+    from safetensors.torch import load_file
+    spec = mj.get("fusion")
+    if not spec:
+        return None
+    c = json.load(open(os.path.join(d, spec["config"])))
+    fu = Fusion(c["channels"], c["num_layers"], c["downscale"])
+    fu.load_state_dict({k: v.float() for k, v in load_file(os.path.join(d, spec["weights"][0])).items()})
+    return fu.eval()
+
+
 @torch.no_grad()
-def nano_restore(mj, tr, vae, pe, up_u8, seed=2025, tile=0, noise=None, global_u8=None):
+def nano_restore(mj, tr, vae, pe, up_u8, seed=2025, tile=0, noise=None, global_u8=None, fusion=True):
     """The plugin's per-frame path in PyTorch, for one frame already at the output size (sides
     multiples of 16): posterior-mode LQ latent, prompts, seeded (or given) initial noise, the
     sampler with the plugin's latent tiles, decode, wavelet colour fix. Returns (no colour fix,
-    wavelet), NCHW floats in [0, 1]. global_u8: the clip's key frame for the global prompt (as the element:
+    wavelet, then the fusion stage when the model has one and `fusion`), NCHW floats in [0, 1]. global_u8: the clip's key frame for the global prompt (as the element:
     global prompt per clip, local per frame); None: this frame (a still image)."""
     H, W = up_u8.shape[:2]
     up = torch.from_numpy(up_u8).permute(2, 0, 1)[None].float() / 255.0
@@ -275,4 +321,7 @@ def nano_restore(mj, tr, vae, pe, up_u8, seed=2025, tile=0, noise=None, global_u
     dec = vae.decoder(z / sf + sh)
     out01 = ((dec + 1) / 2).clamp(0, 1)
     wav = wavelet_color_fix(out01, up).clamp(0, 1)
+    fu = getattr(pe, "fusion", None) if fusion else None
+    if fu is not None:
+        wav = fu(up, wav).clamp(0, 1)
     return out01, wav

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# dpir-nano v2 (issue #14): fine-tune the SHIPPED weights on the degradations users have (real codecs through
-# GStreamer, film damage, x1 as often as x2, some x4) with DPIR's global-local visual prompts, on the CPU.
-# Writes checkpoints to $DPIR_DATA/ckpt-v2 and the candidate export to $OUT (default $DPIR_DATA/export-v2, OUTSIDE
-# the repository; weights/dpir-nano is never overwritten here). Budget knobs: DIT_MIN, DEC_MIN (wall-clock minutes).
+# dpir-nano v2 (issue #14), on the CPU: the degradations users have (real codecs through GStreamer, film damage,
+# x1 as often as x2, some x4) with DPIR's global-local visual prompts, and the fusion stage trained on them.
+# Writes checkpoints under $DPIR_DATA and the candidate export to $OUT (default $DPIR_DATA/export-v2, OUTSIDE the
+# repository; weights/dpir-nano is never overwritten here: copy $OUT's fusion/ and model.json there to ship it).
+# Budget knobs: FUSION_MIN1, FUSION_MIN (and DIT_MIN, DEC_MIN with FINETUNE=1), wall-clock minutes.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
@@ -23,18 +24,35 @@ fi
 # 2. data: the card's photos (prepare_data.py also writes the whole clean photos, clean/train/*.npy)
 ls "$DPIR_DATA"/clean/train/*.npy >/dev/null 2>&1 || $PY "$HERE/prepare_data.py" --data "$DPIR_DATA" 2>&1 | tee "$DPIR_DATA/logs/prep.log"
 # 3. the degraded pool with per-frame global views (about 75 ms an entry on one free core)
-[ -f "$DPIR_DATA/pool_v2_meta.npy" ] || $PY "$HERE/make_pool_v2.py" --n "${POOL_N:-10000}" --workers 2 2>&1 | tee "$DPIR_DATA/logs/pool_v2.log"
-# 4. start from the shipped weights (inverse of export.py)
-[ -f "$DPIR_CKPT/dit.pt" ] || $PY "$HERE/train.py" init --init-from "$REPO/weights/dpir-nano"
-# 5. transformer + both vision towers: velocity loss, 60 % of samples at sigma = 1 (the shipped 1-step path)
-$PY "$HERE/train.py" dit --pool v2 --minutes "${DIT_MIN:-30}" --batch 8 --crop 128 --lr 1e-4 --warmup 20 --sample-steps 4 \
-    --shift 3 --dec-every 0 --p-sigma1 0.6 --workers 1 --threads 2 --log-every 10 --ckpt-every 25 2>&1 | tee -a "$DPIR_DATA/logs/dit-v2.log"
-# 6. decoder on the new transformer's 1-step outputs (wavelet colour fix), v2 pool
-$PY "$HERE/train.py" dec --pool v2 --minutes "${DEC_MIN:-28}" --batch 12 --crop 128 --workers 1 --sample-steps 1 --shift 3 \
-    --lr 1e-4 --ckpt-every 50 --log-every 10 2>&1 | tee -a "$DPIR_DATA/logs/dec-v2.log"
-# 7. export (same formats and manifest as the shipped model) and evaluate against the shipped model
-$PY "$HERE/export.py" --out "$OUT" --steps 1 --shift 3 --pos-embed-max-size 8
-for cfg in "2 v1" "1 v2" "2 v2"; do set -- $cfg
-  $PY "$HERE/eval.py" --model "$OUT" --scale $1 --mix $2 --tag v2- 2>&1 | tee "$DPIR_DATA/logs/eval-v2-x$1-$2.log"
+[ -f "$DPIR_DATA/pool_v2_meta.npy" ] || $PY "$HERE/make_pool_v2.py" --n "${POOL_N:-6000}" --workers 2 2>&1 | tee "$DPIR_DATA/logs/pool_v2.log"
+# 4. the fusion stage (what ships): the shipped model's restorations of the first FUSION_N pool entries, then the
+#    full-resolution fusion net on (LQ, restoration, clean) crops, exported beside the shipped model's files.
+[ -f "$DPIR_DATA/pool_v2_restored.npy" ] || $PY "$HERE/fusion.py" cache --model "$REPO/weights/dpir-nano" \
+    --n "${FUSION_N:-4800}" --workers 2 2>&1 | tee "$DPIR_DATA/logs/fusion_cache.log"
+#    Two phases, as the shipped stage was trained: without the low-band removal first, then with it (warm start).
+CK="$DPIR_DATA/ckpt-fusion"
+if [ ! -f "$CK/l1-stage.pt" ]; then
+  $PY "$HERE/fusion.py" train --fresh --no-high-pass --minutes "${FUSION_MIN1:-15}" --batch 16 --crop 128 --lr 1e-3 \
+      --channels 48 --layers 8 2>&1 | tee -a "$DPIR_DATA/logs/fusion_train.log"
+  mv "$CK/fusion.pt" "$CK/l1-stage.pt"
+fi
+$PY "$HERE/fusion.py" train --init "$CK/l1-stage.pt" --fresh --minutes "${FUSION_MIN:-40}" --batch 16 --crop 128 --lr 1e-3 \
+    --warmup 50 --channels 48 --layers 8 2>&1 | tee -a "$DPIR_DATA/logs/fusion_train.log"
+$PY "$HERE/fusion.py" export --model "$REPO/weights/dpir-nano" --out "$OUT"
+# 5. optional (FINETUNE=1; measured no better than the shipped weights, see the model card): fine-tune the
+#    transformer + both vision towers, then the decoder, on the v2 pool. The fusion stage is trained on the
+#    transformer's outputs: retrain it (step 4) after this.
+if [ "${FINETUNE:-0}" = 1 ]; then
+  [ -f "$DPIR_CKPT/dit.pt" ] || $PY "$HERE/train.py" init --init-from "$REPO/weights/dpir-nano"
+  $PY "$HERE/train.py" dit --pool v2 --minutes "${DIT_MIN:-30}" --batch 8 --crop 128 --lr 1e-4 --warmup 20 --sample-steps 4 \
+      --shift 3 --dec-every 0 --p-sigma1 0.6 --workers 1 --threads 2 --log-every 10 --ckpt-every 25 2>&1 | tee -a "$DPIR_DATA/logs/dit-v2.log"
+  $PY "$HERE/train.py" dec --pool v2 --minutes "${DEC_MIN:-28}" --batch 12 --crop 128 --workers 1 --sample-steps 1 --shift 3 \
+      --lr 1e-4 --ckpt-every 50 --log-every 10 2>&1 | tee -a "$DPIR_DATA/logs/dec-v2.log"
+  $PY "$HERE/export.py" --out "$OUT-finetuned" --steps 1 --shift 3 --pos-embed-max-size 8
+fi
+# 6. evaluate against the baselines (validation photos at x1 and x2, v2 mix; the card's v1 x2 set) and on held-out
+#    compressed video at x1 (PyTorch path; with a plugin build: eval_video.py --props model=$OUT for the element)
+for cfg in "1 v2" "2 v2" "2 v1"; do set -- $cfg
+  $PY "$HERE/eval.py" --model "$OUT" --scale $1 --mix $2 --fidelity 0.25,0.5 --tag fusion- 2>&1 | tee "$DPIR_DATA/logs/eval-fusion-x$1-$2.log"
 done
-$PY "$HERE/eval_video.py" --pytorch "$REPO/weights/dpir-nano,$OUT" --fidelity 0,0.5,0.75 --ceiling 2>&1 | tee "$DPIR_DATA/logs/evalvideo-v2.log"
+$PY "$HERE/eval_video.py" --pytorch "$REPO/weights/dpir-nano,$OUT" --fidelity 0 2>&1 | tee "$DPIR_DATA/logs/evalvideo-fusion.log"

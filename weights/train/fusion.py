@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""dpir-nano's fusion stage (issue #14): a small full-resolution network after the colour fix,
+`out = lq + r(lq, restored - lq)` (model.Fusion, src/model/fusion.rs), trained on what the element
+feeds it: (LQ frame, dpir-nano's restoration of it, clean frame) triplets from the v2 pool (real
+codecs through GStreamer, film damage, x1 / x2 / x4; make_pool_v2.py).
+
+  fusion.py cache  [--model DIR] [--n N]      run the model (PyTorch copy of the element's path: 1 step,
+                                              16-latent tiles, wavelet fix, global prompt from the whole
+                                              photo, local from the frame) over the first N pool entries:
+                                              $DPIR_DATA/pool_v2_restored.npy
+  fusion.py train  [--minutes M] [...]        train the fusion net on random crops of the triplets
+                                              (Charbonnier, AdamW, cosine; --init: start from a
+                                              checkpoint's weights): $DPIR_DATA/ckpt-fusion/fusion.pt
+  fusion.py export --model DIR --out DIR      copy DIR's files to OUT, add fusion/{config.json,
+                                              model.safetensors} (f16) and the manifest entry + sha256
+  fusion.py reference --model DIR             tests/data/fusion_reference.safetensors (Rust parity test)
+
+The last layer starts at zero, so the untrained stage returns the input: training can only move it
+towards the clean frames from there.
+"""
+import argparse, hashlib, json, math, os, shutil, sys, time
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import model as M
+
+DATA = os.environ.get("DPIR_DATA", os.path.expanduser("~/dpir-data"))
+REPO = os.path.normpath(os.path.join(HERE, "..", ".."))
+
+
+def _cache_part(args):
+    model_dir, lo, hi = args
+    torch.set_num_threads(1)
+    mj, tr, vae, pe = M.load_model(model_dir)
+    lq = np.load(os.path.join(DATA, "pool_v2_lq.npy"), mmap_mode="r")
+    gl = np.load(os.path.join(DATA, "pool_v2_glob.npy"), mmap_mode="r")
+    out = np.load(os.path.join(DATA, "pool_v2_restored.npy"), mmap_mode="r+")
+    t0 = time.time()
+    for i in range(lo, hi):
+        # The element's path without the fusion stage (what the fusion stage sees), seeded per entry.
+        _, wav = M.nano_restore(mj, tr, vae, pe, np.ascontiguousarray(lq[i]), seed=i,
+                                global_u8=np.ascontiguousarray(gl[i]), fusion=False)
+        out[i] = (wav[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        if (i - lo) % 250 == 0:
+            print(f"[{lo}] {i - lo}/{hi - lo} {time.time() - t0:.0f}s", flush=True)
+    out.flush()
+    return hi - lo
+
+
+def cache(a):
+    n_pool = np.load(os.path.join(DATA, "pool_v2_lq.npy"), mmap_mode="r").shape[0]
+    n = min(a.n or n_pool, n_pool)
+    np.lib.format.open_memmap(os.path.join(DATA, "pool_v2_restored.npy"), mode="w+", dtype=np.uint8,
+                              shape=(n, 256, 256, 3)).flush()
+    b = np.linspace(0, n, a.workers + 1).astype(int)
+    jobs = [(a.model, int(b[i]), int(b[i + 1])) for i in range(a.workers)]
+    t0 = time.time()
+    import multiprocessing as mp
+    with mp.get_context("fork").Pool(a.workers) as p:
+        done = sum(p.map(_cache_part, jobs))
+    print(f"{done} restorations in {time.time() - t0:.0f} s")
+
+
+class Triplets:
+    """Random crops of (lq, restored, hq), same flips / rotation on all three, as float [0, 1] NCHW."""
+
+    def __init__(self, crop, seed):
+        self.hq = np.load(os.path.join(DATA, "pool_v2_hq.npy"), mmap_mode="r")
+        self.lq = np.load(os.path.join(DATA, "pool_v2_lq.npy"), mmap_mode="r")
+        self.re = np.load(os.path.join(DATA, "pool_v2_restored.npy"), mmap_mode="r")
+        self.n = self.re.shape[0]
+        self.crop = crop
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, b):
+        idx = self.rng.integers(0, self.n, b)
+        S, c = self.hq.shape[1], self.crop
+        out = []
+        for i in idx:
+            y, x = (int(v) for v in self.rng.integers(0, S - c + 1, 2))
+            t = np.stack([self.lq[i, y:y + c, x:x + c], self.re[i, y:y + c, x:x + c], self.hq[i, y:y + c, x:x + c]])
+            k = int(self.rng.integers(4))
+            t = np.rot90(t, k, axes=(1, 2))
+            if self.rng.random() < 0.5:
+                t = t[:, :, ::-1]
+            out.append(np.ascontiguousarray(t))
+        t = torch.from_numpy(np.stack(out)).permute(1, 0, 4, 2, 3).float() / 255.0  # [3, B, C, H, W]
+        return t[0], t[1], t[2]
+
+
+def stlpips_loss():
+    """ST-LPIPS (AlexNet, the stlpips-pytorch weights) as a frozen perceptual loss: the SD autoencoder family is
+    trained with LPIPS for the same reason (L1 alone smooths texture away). eval.py reports the same distance, so its
+    ST-LPIPS column is not independent of this loss; PSNR and SSIM are."""
+    import types
+    sys.modules.setdefault("IPython", types.SimpleNamespace(embed=None))
+    sys.modules.setdefault("torchsummary", types.SimpleNamespace(summary=None))
+    from stlpips_pytorch import stlpips
+    m = stlpips.LPIPS(net="alex", variant="shift_tolerant", verbose=False).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def train(a):
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    ck = os.path.join(DATA, "ckpt-fusion")
+    os.makedirs(ck, exist_ok=True)
+    path = os.path.join(ck, "fusion.pt")
+    net = M.Fusion(a.channels, a.layers, a.downscale)
+    net.high_pass = not a.no_high_pass
+    opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=0.0)
+    step, spent = 0, 0.0
+    if os.path.exists(path) and not a.fresh:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+        net.load_state_dict(st["net"]); opt.load_state_dict(st["opt"]); step, spent = st["step"], st["spent"]
+        print(f"resumed at step {step} ({spent / 60:.1f} min spent)")
+    if a.init:
+        net.load_state_dict(torch.load(a.init, map_location="cpu", weights_only=False)["net"])
+        print(f"weights from {a.init}")
+    lp = None
+    if a.w_lpips > 0:
+        lp = stlpips_loss()
+    data = Triplets(a.crop, a.seed + step)
+    print(f"fusion: {sum(p.numel() for p in net.parameters())} parameters, {data.n} triplets, crop {a.crop}, batch {a.batch}")
+    budget = a.minutes * 60
+    t_start = time.time() - spent
+    ema = None
+    ema_in = None
+    while time.time() - t_start < budget:
+        frac = (time.time() - t_start) / budget
+        lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.5 * (1 + math.cos(math.pi * frac)) * 0.95 + 0.05)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        lq, re, hq = data.batch(a.batch)
+        out = net(lq, re)
+        loss = torch.sqrt((out - hq) ** 2 + 1e-6).mean()  # Charbonnier (L1)
+        total = loss
+        if lp is not None:
+            k = a.lpips_crops
+            total = loss + a.w_lpips * lp(out[:k] * 2 - 1, hq[:k] * 2 - 1).mean()
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        step += 1
+        with torch.no_grad():
+            base = (lq - hq).abs().mean().item()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        ema_in = base if ema_in is None else 0.98 * ema_in + 0.02 * base
+        if step % a.log_every == 0:
+            print(f"step {step} {(time.time() - t_start) / 60:.1f} min lr {lr:.2e} loss {ema:.5f} input L1 {ema_in:.5f} "
+                  f"({ema / ema_in:.3f} of the input's)", flush=True)
+        if step % a.ckpt_every == 0:
+            torch.save(dict(net=net.state_dict(), opt=opt.state_dict(), step=step, spent=time.time() - t_start,
+                            config=net.config), path + ".tmp")
+            os.replace(path + ".tmp", path)
+    torch.save(dict(net=net.state_dict(), opt=opt.state_dict(), step=step, spent=time.time() - t_start,
+                    config=net.config), path + ".tmp")
+    os.replace(path + ".tmp", path)
+    print(f"done: {step} steps, {(time.time() - t_start) / 60:.1f} min")
+
+
+def sha(p):
+    return hashlib.sha256(open(p, "rb").read()).hexdigest()
+
+
+def export(a):
+    from safetensors.torch import save_file
+    st = torch.load(a.ckpt or os.path.join(DATA, "ckpt-fusion", "fusion.pt"), map_location="cpu", weights_only=False)
+    if os.path.abspath(a.out) != os.path.abspath(a.model):
+        shutil.copytree(a.model, a.out, dirs_exist_ok=True)
+    os.makedirs(os.path.join(a.out, "fusion"), exist_ok=True)
+    json.dump(st["config"], open(os.path.join(a.out, "fusion", "config.json"), "w"), indent=2)
+    save_file({k: v.half().contiguous() for k, v in st["net"].items()},
+              os.path.join(a.out, "fusion", "model.safetensors"))
+    mj_path = os.path.join(a.out, "model.json")
+    mj = json.load(open(mj_path))
+    mj["fusion"] = {"config": "fusion/config.json", "weights": ["fusion/model.safetensors"]}
+    for rel in ("fusion/config.json", "fusion/model.safetensors"):
+        mj["sha256"][rel] = sha(os.path.join(a.out, rel))
+    json.dump(mj, open(mj_path, "w"), indent=2)
+    open(mj_path, "a").write("\n")
+    print(f"exported fusion ({st['step']} steps) into {a.out}")
+
+
+def reference(a):
+    """tests/data/fusion_reference.safetensors: the fusion stage of --model on a fixed input, in PyTorch (f16 weights
+    upcast to f32, as the Rust loader does), for tests/model_dir.rs. Inputs: a real photo region (lq: its JPEG-q20
+    copy, restored: a blurred copy), 2 x 48 x 80 tall: stripes are tested separately in src/model/fusion.rs."""
+    from PIL import Image, ImageFilter
+    from safetensors.torch import save_file
+    import io
+    mj = json.load(open(os.path.join(a.model, "model.json")))
+    fu = M.load_fusion(a.model, mj)
+    assert fu is not None, f"{a.model} has no fusion stage"
+    media = os.path.join(REPO, "..", "shared", "media")
+    name = sorted(f for f in os.listdir(media) if f.lower().endswith((".jpg", ".png")))[0]
+    im = Image.open(os.path.join(media, name)).convert("RGB")
+    im = im.resize((160, im.height * 160 // im.width), Image.BOX).crop((40, 8, 120, 56))
+    buf = io.BytesIO(); im.save(buf, "JPEG", quality=20)
+    lq = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    restored = im.filter(ImageFilter.GaussianBlur(1.0))
+    t = lambda x: torch.from_numpy(np.asarray(x)).permute(2, 0, 1)[None].float().div(255).contiguous()
+    with torch.no_grad():
+        out = fu(t(lq), t(restored))
+    meta = {"source": name, "fusion_sha256": mj["sha256"]["fusion/model.safetensors"]}
+    path = os.path.join(REPO, "tests", "data", "fusion_reference.safetensors")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file({"lq": t(lq), "restored": t(restored), "output": out.contiguous()}, path, metadata=meta)
+    print(f"wrote {path} ({meta}); mean |out - lq| {float((out - t(lq)).abs().mean()):.4f}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("stage", choices=["cache", "train", "export", "reference"])
+    ap.add_argument("--model", default=os.path.join(REPO, "weights", "dpir-nano"))
+    ap.add_argument("--out", default=os.path.join(DATA, "export-fusion"))
+    ap.add_argument("--ckpt", default="")
+    ap.add_argument("--n", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--minutes", type=float, default=45)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--crop", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--channels", type=int, default=48)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--downscale", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--no-high-pass", action="store_true",
+                    help="train without the low-band removal (the shipped stage's first phase); inference always has it")
+    ap.add_argument("--init", default="", help="train: start from this checkpoint's weights (fresh optimiser and schedule)")
+    ap.add_argument("--w-lpips", type=float, default=0.0,
+                    help="train: weight of an ST-LPIPS term (0.1 was tried: PSNR and ST-LPIPS both below the input's "
+                         "after 400 steps; the shipped stage is Charbonnier only)")
+    ap.add_argument("--lpips-crops", type=int, default=8, help="train: crops of each batch the ST-LPIPS term sees")
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--ckpt-every", type=int, default=200)
+    a = ap.parse_args()
+    {"cache": cache, "train": train, "export": export, "reference": reference}[a.stage](a)
+
+
+if __name__ == "__main__":
+    main()
