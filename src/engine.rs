@@ -184,7 +184,9 @@ pub struct EngineSettings {
     /// `≈ s·steps` steps. Fewer steps and less flicker on static shots; on motion the previous
     /// frame's content can linger (ghosting) the lower `s` is.
     pub warm_start: f64,
-    /// Fidelity (`fidelity`): 0 = the full restoration; `f` in (0, 1]: the output is
+    /// Fidelity (`fidelity`): negative (-1, the default) = the model's own (`fidelity` in its
+    /// model.json, chosen from its validation table; 0 when it names none);
+    /// 0 = the full restoration; `f` in (0, 1]: the output is
     /// `(1 − f)·restored + f·LQ` in pixel space, LQ being the input upsampled to the output
     /// size (8-bit: Pillow's bicubic, as the model sees it; deeper: float). 1 gives the LQ back
     /// (the input itself at `scale=1`). Works for any model: how far to trust it on material
@@ -210,7 +212,7 @@ impl Default for EngineSettings {
             low_memory: false,
             reuse_prompts: true,
             warm_start: 0.0,
-            fidelity: 0.0,
+            fidelity: -1.0,
         }
     }
 }

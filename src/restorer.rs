@@ -191,12 +191,18 @@ impl DpirEngine {
                 settings.warm_start
             )));
         }
-        if !(0.0..=1.0).contains(&settings.fidelity) {
+        if !(-1.0..=1.0).contains(&settings.fidelity) {
             return Err(EngineError::Settings(format!(
-                "fidelity {} is out of range: 0 (full restoration) to 1 (the input)",
+                "fidelity {} is out of range: -1 (the model's own), 0 (full restoration) to 1 (the input)",
                 settings.fidelity
             )));
         }
+        // Negative: the model's own default (its validation table chose it), else full restoration.
+        let mut settings = settings.clone();
+        if settings.fidelity < 0.0 {
+            settings.fidelity = model.files.manifest.fidelity.unwrap_or(0.0);
+        }
+        let settings = &settings;
         let default_steps = model.files.manifest.sampler.default_steps.unwrap_or(28);
         let tiling = latent_tiling(&model, settings)?;
         let steps = match settings.steps {

@@ -558,3 +558,60 @@ fn an_f16_overflow_falls_back_to_f32_with_a_warning_and_loses_no_frame() {
     assert_eq!(f16_frames, f32_frames, "after the fallback every frame is the f32 one");
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// The shipped model's directory (`weights/dpir-nano`, what the build embeds).
+fn shipped_model_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/dpir-nano")
+}
+
+/// The shipped fusion stage, loaded by the element's loader from the model directory, gives
+/// PyTorch's result (`weights/train/fusion.py reference`, the training code's `Fusion` with the
+/// same f16 weights) on a real photo region, to float precision.
+#[test]
+fn the_shipped_fusion_stage_matches_pytorch_on_its_reference() {
+    use candle_core::{Device, Tensor};
+    let dir = shipped_model_dir();
+    let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fusion_reference.safetensors");
+    let bytes = std::fs::read(&reference).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("model.json")).unwrap()).unwrap();
+    let meta = meta.metadata().as_ref().expect("reference metadata");
+    assert_eq!(
+        manifest["sha256"]["fusion/model.safetensors"].as_str(),
+        meta.get("fusion_sha256").map(String::as_str),
+        "the reference was made from other fusion weights: run weights/train/fusion.py reference"
+    );
+    let t = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+    let model = gstdpir::model::dpir::DpirModel::load(
+        gstdpir::model::loader::ModelSource::Dir(dir),
+        &Device::Cpu,
+        candle_core::DType::F32,
+        TilingMode::Reference,
+    )
+    .unwrap();
+    let fusion = model.fusion.as_ref().expect("the shipped model has a fusion stage");
+    let out = fusion.forward(&t["lq"], &t["restored"]).unwrap();
+    let err = (&out - &t["output"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let moved: Tensor = (&t["output"] - &t["lq"]).unwrap().abs().unwrap().mean_all().unwrap();
+    let moved = moved.to_scalar::<f32>().unwrap();
+    assert!(moved > 1e-3, "the reference output must differ from its input (mean |out - lq| {moved})");
+    assert!(err < 1e-4, "max |Rust - PyTorch| {err}");
+}
+
+/// A fusion stage whose config does not match its weights stops the element with an error that
+/// names the stage, the tensor and the shape it expected.
+#[test]
+fn a_fusion_config_that_does_not_match_its_weights_names_the_tensor() {
+    let d = fixture_model_dir("fusion-shape", false);
+    let src = shipped_model_dir().join("fusion");
+    std::fs::create_dir_all(d.join("fusion")).unwrap();
+    std::fs::copy(src.join("model.safetensors"), d.join("fusion/model.safetensors")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    cfg["channels"] = serde_json::json!(cfg["channels"].as_u64().unwrap() + 8);
+    std::fs::write(d.join("fusion/config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+    edit_manifest(&d, |m| {
+        m["fusion"] = serde_json::json!({"config": "fusion/config.json", "weights": ["fusion/model.safetensors"]})
+    });
+    assert_model_error(&d, &["fusion", "convs.0.weight", "shape"]);
+    std::fs::remove_dir_all(&d).ok();
+}

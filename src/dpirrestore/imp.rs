@@ -1087,11 +1087,12 @@ impl ObjectImpl for DpirRestore {
                 glib::ParamSpecDouble::builder("fidelity")
                     .nick("Fidelity")
                     .blurb(
-                        "0: full restoration. Up to 1: the output is blended towards the input upsampled to the output \
+                        "-1: the model's own (model.json `fidelity`; dpir-nano 0.25, 0 for models that name none). 0: full \
+                         restoration. Up to 1: the output is blended towards the input upsampled to the output \
                          size, (1 - fidelity) x restored + fidelity x input (1: the input back, without running the model; use it to tone down \
                          a model on material it does not suit)",
                     )
-                    .minimum(0.0)
+                    .minimum(-1.0)
                     .maximum(1.0)
                     .default_value(e.fidelity)
                     .mutable_ready()

@@ -72,6 +72,9 @@ pub struct Manifest {
     /// own checkpoints have none.
     #[serde(default)]
     pub fusion: Option<Component>,
+    /// The element's `fidelity` when it is left at -1 (0 to 1; absent: 0, full restoration).
+    #[serde(default)]
+    pub fidelity: Option<f64>,
     #[serde(default)]
     pub sampler: SamplerSpec,
     #[serde(default)]
@@ -253,6 +256,14 @@ impl ModelFiles {
                 "{}: format `{}` is not supported (this build reads `{FORMAT}`)",
                 source.path("model.json"),
                 manifest.format
+            ));
+        }
+        if let Some(f) = manifest.fidelity
+            && !(0.0..=1.0).contains(&f)
+        {
+            return invalid(format!(
+                "{}: fidelity {f} is out of range (0: full restoration to 1: the input)",
+                source.path("model.json")
             ));
         }
         let files = Self { source, manifest };
