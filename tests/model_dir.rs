@@ -615,3 +615,27 @@ fn a_fusion_config_that_does_not_match_its_weights_names_the_tensor() {
     assert_model_error(&d, &["fusion", "convs.0.weight", "shape"]);
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// `fidelity=-1` (the default) takes the model's own `fidelity` from model.json: a model that
+/// names 1 gives the upsampled input back without running, as `fidelity=1` does; one that names
+/// a value out of range is refused with an error naming it.
+#[test]
+fn the_default_fidelity_is_the_model_s_own_and_an_out_of_range_one_is_refused() {
+    let d = fixture_model_dir("model-fidelity", false);
+    edit_manifest(&d, |m| m["fidelity"] = serde_json::json!(1.0));
+    let settings = engine_settings(&d, false);
+    assert_eq!(settings.fidelity, -1.0, "the element's default is the model's own");
+    let mut e = DpirEngine::load(&settings).unwrap();
+    e.configure(&StreamInfo { in_width: 20, in_height: 12, scale: 2, fps: None, depth: 8 }).unwrap();
+    let mut img = gstdpir::engine::Image::new(20, 12);
+    for (i, v) in img.data.iter_mut().enumerate() {
+        *v = ((i * 53) % 256) as f32 / 255.0;
+    }
+    let out = e.restore(&img, &first_frame("")).unwrap();
+    assert!(out.data == e.upsample(&img).unwrap().rgb, "the model's fidelity 1 did not give the input back");
+    assert_eq!(e.stats().frames, 0, "the model ran although its own fidelity is 1");
+    drop(e); // loaded models are shared while in use: the next load must read the edited manifest
+    edit_manifest(&d, |m| m["fidelity"] = serde_json::json!(1.5));
+    assert_model_error(&d, &["fidelity", "out of range"]);
+    std::fs::remove_dir_all(&d).ok();
+}
