@@ -358,7 +358,6 @@ impl DpirEngine {
         // official quantises to 8 bits in between; 16-bit output keeps them).
         let out01 = ((&out.decoded + 1.0)? / 2.0)?.clamp(0f32, 1f32)?;
         let fixed = self.settings.color_fix.apply(&out01, &lq)?.clamp(0f32, 1f32)?;
-        let t_fix = t0.elapsed();
         // The model's fusion stage (if any) takes the LQ frame's detail back where the model has
         // nothing better; trained on the colour-fixed output, so it comes after the fix.
         let t1 = Instant::now();
@@ -377,7 +376,8 @@ impl DpirEngine {
         self.last_timings.encode = out.times.encode + t_prep;
         self.last_timings.sample = out.times.sample;
         self.last_timings.decode = out.times.decode;
-        self.last_timings.color_fix = t_fix + t0.elapsed().saturating_sub(t_fix + t_fusion);
+        // The colour fix, fidelity blend and conversion: everything since t0 but the fusion stage.
+        self.last_timings.color_fix = t0.elapsed().saturating_sub(t_fusion);
         self.last_timings.fusion = t_fusion;
         self.cache.stats.frames += 1;
         self.cache.stats.frame_time += t_frame.elapsed();

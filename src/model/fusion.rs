@@ -50,20 +50,12 @@ impl Fusion {
         if cfg.num_layers < 2 || cfg.channels == 0 || cfg.downscale == 0 {
             candle_core::bail!("fusion config {cfg:?}: needs num_layers >= 2, channels >= 1 and downscale >= 1");
         }
-        let r2 = cfg.downscale * cfg.downscale;
-        let mut widths = vec![6 * r2];
-        widths.extend(std::iter::repeat_n(cfg.channels, cfg.num_layers - 1));
-        widths.push(3 * r2);
-        let convs = widths
+        let convs = widths(cfg)
             .windows(2)
             .enumerate()
             .map(|(i, w)| conv(w[0], w[1], 3, 1, 1, vb.pp(format!("convs.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { convs, cfg: *cfg })
-    }
-
-    pub fn config(&self) -> &FusionConfig {
-        &self.cfg
     }
 
     /// Rows (at 1/r resolution) beyond a stripe that its output depends on: one per 3×3 layer.
@@ -115,6 +107,16 @@ impl Fusion {
     }
 }
 
+/// Channels into and out of each convolution: 6·r² (the unshuffled LQ and restoration − LQ),
+/// `channels` between, 3·r² out (shuffled back to RGB).
+fn widths(cfg: &FusionConfig) -> Vec<usize> {
+    let r2 = cfg.downscale * cfg.downscale;
+    let mut w = vec![6 * r2];
+    w.extend(std::iter::repeat_n(cfg.channels, cfg.num_layers - 1));
+    w.push(3 * r2);
+    w
+}
+
 /// PyTorch's `pixel_unshuffle`: `[n, c, h·r, w·r]` → `[n, c·r², h, w]`, channel `c·r² + i·r + j`
 /// holding the pixels at row offset i, column offset j.
 pub fn pixel_unshuffle(x: &Tensor, r: usize) -> Result<Tensor> {
@@ -144,12 +146,8 @@ mod tests {
 
     fn random_fusion(cfg: FusionConfig, zero_last: bool) -> Result<Fusion> {
         let dev = Device::Cpu;
-        let r2 = cfg.downscale * cfg.downscale;
-        let mut widths = vec![6 * r2];
-        widths.extend(std::iter::repeat_n(cfg.channels, cfg.num_layers - 1));
-        widths.push(3 * r2);
         let mut ts = HashMap::new();
-        for (i, w) in widths.windows(2).enumerate() {
+        for (i, w) in widths(&cfg).windows(2).enumerate() {
             let scale = if zero_last && i == cfg.num_layers - 1 { 0.0 } else { (1.0 / (9.0 * w[0] as f64)).sqrt() };
             ts.insert(format!("convs.{i}.weight"), (Tensor::randn(0f32, 1f32, (w[1], w[0], 3, 3), &dev)? * scale)?);
             ts.insert(format!("convs.{i}.bias"), (Tensor::randn(0f32, 1f32, w[1], &dev)? * (0.1 * scale))?);

@@ -278,6 +278,8 @@ def load_model(d):
         m = CLIPVisionModelWithProjection(CLIPVisionConfig(**c))
         m.load_state_dict({k: v.float() for k, v in load_file(os.path.join(d, mj[name]["weights"][0])).items()})
         setattr(pe, tower, m)
+    # Carried by the prompt encoder so that the (manifest, transformer, vae, prompt encoder) tuple every caller
+    # unpacks stays as it was; nano_restore applies it.
     pe.fusion = load_fusion(d, mj)
     return mj, tr.eval(), vae.eval(), pe.eval()
 
