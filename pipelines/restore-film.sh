@@ -6,6 +6,8 @@
 # BGRA, 16-bit as 12-bit GBR), audio as FLAC. OUT ending in .mp4 is H.264 (I420) with AAC audio.
 # The file is written beside OUT under a temporary name and renamed when complete: a failed or
 # interrupted run leaves no OUT (an older OUT stays as it was).
+# The queue after dpirrestore gives the encoder its own thread: it encodes beside the model, and x264
+# in the element's streaming thread was measured to write other bits for the same frames from run to run.
 # The pipeline runs through pipelines/lib/launch.py (gst-launch-1.0's syntax and -m/-e options;
 # GStreamer 1.22's gst-launch can wait forever when an error comes while the pipeline starts),
 # with PyGObject's Python: $DPIR_PYTHON, default Debian's /usr/bin/python3.
@@ -48,13 +50,13 @@ trap 'interrupted=1' INT TERM
 status=0
 if grep -qE "^ *audio( #[0-9]+)?:" <<<"$info"; then
   launch ${GST_LAUNCH_OPTS:-} -e filesrc location="$in" ! decodebin name=dec \
-    dec. ! video/x-raw ! queue max-size-buffers=4 ! videoconvert ! dpirrestore "$@" ! "${video_tail[@]}" ! \
+    dec. ! video/x-raw ! queue max-size-buffers=4 ! videoconvert ! dpirrestore "$@" ! queue ! "${video_tail[@]}" ! \
       $mux name=mux ! filesink location="$tmp" \
     dec. ! audio/x-raw ! queue max-size-time=0 max-size-buffers=0 max-size-bytes=0 ! audioconvert ! audioresample ! \
       "${audio_enc[@]}" ! queue ! mux. || status=$?
 else
   launch ${GST_LAUNCH_OPTS:-} -e filesrc location="$in" ! decodebin name=dec \
-    dec. ! video/x-raw ! queue max-size-buffers=4 ! videoconvert ! dpirrestore "$@" ! "${video_tail[@]}" ! \
+    dec. ! video/x-raw ! queue max-size-buffers=4 ! videoconvert ! dpirrestore "$@" ! queue ! "${video_tail[@]}" ! \
       $mux ! filesink location="$tmp" || status=$?
 fi
 [ -z "$interrupted" ] || die "interrupted: '$out' not written"

@@ -15,8 +15,10 @@
 //! ## Example launch line
 //! ```text
 //! gst-launch-1.0 filesrc location=film.ogv ! decodebin ! videoconvert ! \
-//!     dpirrestore scale=2 steps=4 ! videoconvert ! x264enc ! mp4mux ! filesink location=out.mp4
+//!     dpirrestore scale=2 steps=4 ! queue ! videoconvert ! x264enc ! mp4mux ! filesink location=out.mp4
 //! ```
+//! (The `queue` gives the encoder its own thread; x264 in the element's streaming thread was seen
+//! to encode the same frames differently from run to run.)
 //!
 //! Interlaced material must be deinterlaced first (`deinterlace`).
 
