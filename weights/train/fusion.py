@@ -32,12 +32,12 @@ REPO = os.path.normpath(os.path.join(HERE, "..", ".."))
 
 
 def _cache_part(args):
-    model_dir, lo, hi = args
+    model_dir, lo, hi, pool = args
     torch.set_num_threads(1)
     mj, tr, vae, pe = M.load_model(model_dir)
-    lq = np.load(os.path.join(DATA, "pool_v2_lq.npy"), mmap_mode="r")
-    gl = np.load(os.path.join(DATA, "pool_v2_glob.npy"), mmap_mode="r")
-    out = np.load(os.path.join(DATA, "pool_v2_restored.npy"), mmap_mode="r+")
+    lq = np.load(os.path.join(DATA, f"pool_{pool}_lq.npy"), mmap_mode="r")
+    gl = np.load(os.path.join(DATA, f"pool_{pool}_glob.npy"), mmap_mode="r")
+    out = np.load(os.path.join(DATA, f"pool_{pool}_restored.npy"), mmap_mode="r+")
     t0 = time.time()
     for i in range(lo, hi):
         # The element's path without the fusion stage (what the fusion stage sees), seeded per entry.
@@ -51,12 +51,12 @@ def _cache_part(args):
 
 
 def cache(a):
-    n_pool = np.load(os.path.join(DATA, "pool_v2_lq.npy"), mmap_mode="r").shape[0]
+    n_pool = np.load(os.path.join(DATA, f"pool_{a.pool}_lq.npy"), mmap_mode="r").shape[0]
     n = min(a.n or n_pool, n_pool)
-    np.lib.format.open_memmap(os.path.join(DATA, "pool_v2_restored.npy"), mode="w+", dtype=np.uint8,
+    np.lib.format.open_memmap(os.path.join(DATA, f"pool_{a.pool}_restored.npy"), mode="w+", dtype=np.uint8,
                               shape=(n, 256, 256, 3)).flush()
     b = np.linspace(0, n, a.workers + 1).astype(int)
-    jobs = [(a.model, int(b[i]), int(b[i + 1])) for i in range(a.workers)]
+    jobs = [(a.model, int(b[i]), int(b[i + 1]), a.pool) for i in range(a.workers)]
     t0 = time.time()
     import multiprocessing as mp
     with mp.get_context("fork").Pool(a.workers) as p:
@@ -65,23 +65,29 @@ def cache(a):
 
 
 class Triplets:
-    """Random crops of (lq, restored, hq), same flips / rotation on all three, as float [0, 1] NCHW."""
+    """Random crops of (lq, restored, hq) from the cached entries of one or more pools (uniform over all their
+    entries), same flips / rotation on all three, as float [0, 1] NCHW."""
 
-    def __init__(self, crop, seed):
-        self.hq = np.load(os.path.join(DATA, "pool_v2_hq.npy"), mmap_mode="r")
-        self.lq = np.load(os.path.join(DATA, "pool_v2_lq.npy"), mmap_mode="r")
-        self.re = np.load(os.path.join(DATA, "pool_v2_restored.npy"), mmap_mode="r")
-        self.n = self.re.shape[0]
+    def __init__(self, crop, seed, pools=("v2",)):
+        self.sets = []
+        for name in pools:
+            re = np.load(os.path.join(DATA, f"pool_{name}_restored.npy"), mmap_mode="r")
+            hq = np.load(os.path.join(DATA, f"pool_{name}_hq.npy"), mmap_mode="r")
+            lq = np.load(os.path.join(DATA, f"pool_{name}_lq.npy"), mmap_mode="r")
+            self.sets += [(lq, re, hq, i) for i in range(re.shape[0])]
+        self.n = len(self.sets)
         self.crop = crop
         self.rng = np.random.default_rng(seed)
 
     def batch(self, b):
         idx = self.rng.integers(0, self.n, b)
-        S, c = self.hq.shape[1], self.crop
+        c = self.crop
         out = []
-        for i in idx:
+        for j in idx:
+            lq, re, hq, i = self.sets[j]
+            S = hq.shape[1]
             y, x = (int(v) for v in self.rng.integers(0, S - c + 1, 2))
-            t = np.stack([self.lq[i, y:y + c, x:x + c], self.re[i, y:y + c, x:x + c], self.hq[i, y:y + c, x:x + c]])
+            t = np.stack([lq[i, y:y + c, x:x + c], re[i, y:y + c, x:x + c], hq[i, y:y + c, x:x + c]])
             k = int(self.rng.integers(4))
             t = np.rot90(t, k, axes=(1, 2))
             if self.rng.random() < 0.5:
@@ -110,7 +116,7 @@ def train(a):
     torch.manual_seed(a.seed)
     ck = os.path.join(DATA, "ckpt-fusion")
     os.makedirs(ck, exist_ok=True)
-    path = os.path.join(ck, "fusion.pt")
+    path = a.ckpt or os.path.join(ck, "fusion.pt")
     net = M.Fusion(a.channels, a.layers, a.downscale)
     net.high_pass = not a.no_high_pass
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=0.0)
@@ -119,18 +125,24 @@ def train(a):
         st = torch.load(path, map_location="cpu", weights_only=False)
         net.load_state_dict(st["net"]); opt.load_state_dict(st["opt"]); step, spent = st["step"], st["spent"]
         print(f"resumed at step {step} ({spent / 60:.1f} min spent)")
-    if a.init:
+    if a.init and os.path.isdir(a.init):  # a model directory: its shipped (f16) fusion stage
+        from safetensors.torch import load_file
+        st = load_file(os.path.join(a.init, "fusion", "model.safetensors"))
+        net.load_state_dict({k: v.float() for k, v in st.items()})
+        print(f"weights from {a.init}/fusion")
+    elif a.init:
         net.load_state_dict(torch.load(a.init, map_location="cpu", weights_only=False)["net"])
         print(f"weights from {a.init}")
     lp = None
     if a.w_lpips > 0:
         lp = stlpips_loss()
-    data = Triplets(a.crop, a.seed + step)
+    data = Triplets(a.crop, a.seed + step, a.pools.split(","))
     print(f"fusion: {sum(p.numel() for p in net.parameters())} parameters, {data.n} triplets, crop {a.crop}, batch {a.batch}")
     budget = a.minutes * 60
     t_start = time.time() - spent
     ema = None
     ema_in = None
+    ema_db = None
     while time.time() - t_start < budget:
         frac = (time.time() - t_start) / budget
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.5 * (1 + math.cos(math.pi * frac)) * 0.95 + 0.05)
@@ -140,6 +152,13 @@ def train(a):
         out = net(lq, re)
         loss = torch.sqrt((out - hq) ** 2 + 1e-6).mean()  # Charbonnier (L1)
         total = loss
+        if a.loss == "psnr":
+            # Mean per-crop PSNR (log MSE): an error on a nearly clean crop costs as much as the same ratio on a
+            # ruined one, where L1 mostly sees the ruined ones; plus a hinge on every crop made worse than its input.
+            mse_out = ((out - hq) ** 2).mean(dim=(1, 2, 3)) + 1e-8
+            mse_in = ((lq - hq) ** 2).mean(dim=(1, 2, 3)) + 1e-8
+            db = 10 * torch.log10(mse_out)
+            total = db.mean() / 10 + a.w_floor * torch.relu(db - 10 * torch.log10(mse_in)).mean() / 10
         if lp is not None:
             k = a.lpips_crops
             total = loss + a.w_lpips * lp(out[:k] * 2 - 1, hq[:k] * 2 - 1).mean()
@@ -149,11 +168,14 @@ def train(a):
         step += 1
         with torch.no_grad():
             base = (lq - hq).abs().mean().item()
+            gain = (10 * torch.log10(((lq - hq) ** 2).mean(dim=(1, 2, 3)) + 1e-8)
+                    - 10 * torch.log10(((out - hq) ** 2).mean(dim=(1, 2, 3)) + 1e-8))
+            ema_db = gain.mean().item() if ema_db is None else 0.98 * ema_db + 0.02 * gain.mean().item()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         ema_in = base if ema_in is None else 0.98 * ema_in + 0.02 * base
         if step % a.log_every == 0:
             print(f"step {step} {(time.time() - t_start) / 60:.1f} min lr {lr:.2e} loss {ema:.5f} input L1 {ema_in:.5f} "
-                  f"({ema / ema_in:.3f} of the input's)", flush=True)
+                  f"({ema / ema_in:.3f} of the input's), PSNR {ema_db:+.3f} dB over the input's", flush=True)
         if step % a.ckpt_every == 0:
             torch.save(dict(net=net.state_dict(), opt=opt.state_dict(), step=step, spent=time.time() - t_start,
                             config=net.config), path + ".tmp")
@@ -240,6 +262,12 @@ def main():
                     help="train: weight of an ST-LPIPS term (0.1 was tried: PSNR and ST-LPIPS both below the input's "
                          "after 400 steps; the shipped stage is Charbonnier only)")
     ap.add_argument("--lpips-crops", type=int, default=8, help="train: crops of each batch the ST-LPIPS term sees")
+    ap.add_argument("--pool", default="v2", help="cache: the pool (pool_NAME_*.npy, make_pool_v2.py --name)")
+    ap.add_argument("--pools", default="v2", help="train: the cached pools to draw crops from, comma-separated")
+    ap.add_argument("--loss", choices=["l1", "psnr"], default="l1",
+                    help="train: Charbonnier (the shipped stage's phases 1 and 2) or mean per-crop -PSNR with a "
+                         "hinge on crops made worse than their input (--w-floor)")
+    ap.add_argument("--w-floor", type=float, default=1.0, help="train, --loss psnr: weight of the hinge")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--ckpt-every", type=int, default=200)
     a = ap.parse_args()
