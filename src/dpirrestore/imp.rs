@@ -1087,7 +1087,7 @@ impl ObjectImpl for DpirRestore {
                 glib::ParamSpecDouble::builder("fidelity")
                     .nick("Fidelity")
                     .blurb(
-                        "-1: the model's own (model.json `fidelity`; dpir-nano 0.25, 0 for models that name none). 0: full \
+                        "-1: the model's own (model.json `fidelity`; dpir-nano 0.1, 0 for models that name none). 0: full \
                          restoration. Up to 1: the output is blended towards the input upsampled to the output \
                          size, (1 - fidelity) x restored + fidelity x input (1: the input back, without running the model; use it to tone down \
                          a model on material it does not suit)",

@@ -6,7 +6,8 @@ compressed with a real codec at a low bitrate (x264enc, GStreamer), decoded, and
 `dpirrestore` at scale=1 with each `--fidelity` value. Against the clean frames it prints, per
 setting and for the compressed input itself: PSNR (over the whole clip, and the worst frame) and
 the temporal error mean |(out_t - out_t-1) - (gt_t - gt_t-1)| (flicker the restoration adds or
-removes), plus the ratio of that error to the input's.
+removes), plus the ratio of that error to the input's; and the classic baselines ffmpeg hqdn3d and nlmeans on the
+same decoded frames (when imageio-ffmpeg is installed, as in the training venv).
 
 Needs numpy (Debian `python3-numpy`), GStreamer with x264enc/avdec_h264 (tests/setup-debian.sh
 installs them) and the plugin on GST_PLUGIN_PATH (or --plugin DIR).
@@ -79,30 +80,79 @@ def ceiling_rows(model_dirs, gt, lq, every=5):
     return out
 
 
-def pytorch_rows(model_dirs, lq, fids, seed=2025):
-    """[(name, frames)] of each exported model on the decoded LQ frames (uint8 [N,H,W,3]) at scale 1."""
+def restore_clip(model_dir, lq, seed=2025, fusion=True):
+    """An exported model on the decoded LQ frames (uint8 [N,H,W,3]) at scale 1 by the element's clip policy (see the
+    module doc): float frames in [0, 1]; fusion=False stops before the fusion stage (fusion.py valcache --video)."""
     import torch
     sys.path.insert(0, HERE)
     import model as M
-    torch.set_num_threads(2)
     n, h, w, _ = lq.shape
     ph, pw = -h % 16, -w % 16
+    mj, tr, vae, pe = M.load_model(model_dir)
+    g = global_window(lq[0])
+    noise = torch.randn((1, vae.config.latent_channels, (h + ph) // 8, (w + pw) // 8),
+                        generator=torch.Generator().manual_seed(seed))
+    outs = []
+    for i in range(n):
+        up = np.pad(lq[i], ((0, ph), (0, pw), (0, 0)), mode="edge")
+        _, wav = M.nano_restore(mj, tr, vae, pe, up, noise=noise, global_u8=g, fusion=fusion)
+        outs.append(wav[0, :, :h, :w].permute(1, 2, 0).numpy())
+    return np.stack(outs)
+
+
+def compressed_clip(clip, n_frames, bitrate, tmp):
+    """The clean clip's first frames and the same frames through x264enc at `bitrate` kbit/s and back (GStreamer), as
+    float arrays [N, H, W, 3] of equal length, plus the clip's frame rate."""
+    clean, lq = os.path.join(tmp, "clean.rgb"), os.path.join(tmp, "lq.rgb")
+    # Size and rate of the clip, from its first frame's caps.
+    r = subprocess.run(["gst-discoverer-1.0", clip], capture_output=True, text=True).stdout
+    get = lambda key: next(l.split(":", 1)[1].strip() for l in r.splitlines() if l.strip().startswith(key + ":"))
+    w, h, fps = int(get("Width")), int(get("Height")), get("Frame rate")
+    src = f"filesrc location={clip} ! decodebin ! videoconvert ! {caps(w, h, fps)} ! identity eos-after={n_frames}"
+    launch(f"{src} ! filesink location={clean}")
+    launch(
+        f"{src} ! videoconvert ! x264enc bitrate={bitrate} speed-preset=medium key-int-max=250 ! "
+        f"avdec_h264 ! videoconvert ! {caps(w, h, fps)} ! filesink location={lq}"
+    )
+    gt, lqf = frames(clean, w, h), frames(lq, w, h)
+    # `identity eos-after` lets through 50-53 frames depending on timing, and the frames past n_frames need not be
+    # the same in both pipelines (once the 53rd: 16.8 dB against ~32 for its neighbours): compare the first n_frames.
+    n = min(len(gt), len(lqf), n_frames)
+    if len(gt) != len(lqf):
+        print(f"note: clean {len(gt)} frames, compressed {len(lqf)}: using the first {n}")
+    return gt[:n], lqf[:n], fps
+
+
+def pytorch_rows(model_dirs, lq, fids, seed=2025):
+    """[(name, frames)] of each exported model on the decoded LQ frames (uint8 [N,H,W,3]) at scale 1."""
+    import torch
+    torch.set_num_threads(2)
     rows = []
     for d in model_dirs:
-        mj, tr, vae, pe = M.load_model(d)
-        g = global_window(lq[0])
-        noise = torch.randn((1, vae.config.latent_channels, (h + ph) // 8, (w + pw) // 8),
-                            generator=torch.Generator().manual_seed(seed))
-        outs = []
-        for i in range(n):
-            up = np.pad(lq[i], ((0, ph), (0, pw), (0, 0)), mode="edge")
-            _, wav = M.nano_restore(mj, tr, vae, pe, up, noise=noise, global_u8=g)
-            outs.append(wav[0, :, :h, :w].permute(1, 2, 0).numpy())
-        outs = np.stack(outs)
+        outs = restore_clip(d, lq, seed)
         lq01 = lq.astype(np.float64) / 255.0
         for f in fids:
             o = (outs * (1 - f) + lq01 * f) if f > 0 else outs
             rows.append((f"{os.path.basename(os.path.normpath(d))} (PyTorch) fidelity={f}", np.round(np.clip(o, 0, 1) * 255)))
+    return rows
+
+
+def classic_rows(lq):
+    """The issue's classic baselines on the decoded frames (uint8 [N,H,W,3]), through ffmpeg (PyPI imageio-ffmpeg, in
+    the training venv) as eval.py runs them on stills: `hqdn3d=4:3:6:4.5` (which is also temporal) and
+    `nlmeans=s=3:p=7:r=9`. Skipped with a note when imageio-ffmpeg is not installed."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        print("note: imageio-ffmpeg not installed: no hqdn3d / nlmeans rows")
+        return []
+    n, h, w, _ = lq.shape
+    rows = []
+    for name, filt in (("ffmpeg hqdn3d", "hqdn3d=4:3:6:4.5"), ("ffmpeg nlmeans", "nlmeans=s=3:p=7:r=9")):
+        r = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+                            "-s", f"{w}x{h}", "-i", "-", "-vf", filt, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                           input=np.ascontiguousarray(lq).tobytes(), capture_output=True, check=True)
+        rows.append((name, np.frombuffer(r.stdout, np.uint8).reshape(n, h, w, 3).astype(np.float64)))
     return rows
 
 
@@ -115,32 +165,19 @@ def main():
     ap.add_argument("--props", default="", help="more dpirrestore properties (model=..., steps=...)")
     ap.add_argument("--plugin", help="directory holding libgstdpir.so")
     ap.add_argument("--pytorch", default="", help="comma-separated exported model dirs: PyTorch path instead of the element")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the ffmpeg hqdn3d / nlmeans rows")
     ap.add_argument("--ceiling", action="store_true", help="with --pytorch: also the autoencoder ceiling (see ceiling_rows)")
     a = ap.parse_args()
     if a.plugin:
         os.environ["GST_PLUGIN_PATH"] = a.plugin
     tmp = tempfile.mkdtemp(prefix="dpir-evalvideo-")
-    clean, lq = os.path.join(tmp, "clean.rgb"), os.path.join(tmp, "lq.rgb")
-    # Size and rate of the clip, from its first frame's caps.
-    r = subprocess.run(["gst-discoverer-1.0", a.clip], capture_output=True, text=True).stdout
-    get = lambda key: next(l.split(":", 1)[1].strip() for l in r.splitlines() if l.strip().startswith(key + ":"))
-    w, h, fps = int(get("Width")), int(get("Height")), get("Frame rate")
-    src = f"filesrc location={a.clip} ! decodebin ! videoconvert ! {caps(w, h, fps)} ! identity eos-after={a.frames}"
-    launch(f"{src} ! filesink location={clean}")
-    launch(
-        f"{src} ! videoconvert ! x264enc bitrate={a.bitrate} speed-preset=medium key-int-max=250 ! "
-        f"avdec_h264 ! videoconvert ! {caps(w, h, fps)} ! filesink location={lq}"
-    )
-    gt = frames(clean, w, h)
-    lqf = frames(lq, w, h)
-    # `identity eos-after` lets through 50-53 frames depending on timing (seen here on a loaded machine, in either
-    # pipeline): compare the common prefix (frames come in order from the clip's start)
-    n = min(len(gt), len(lqf))
-    if len(gt) != len(lqf):
-        print(f"note: clean {len(gt)} frames, compressed {len(lqf)}: using the first {n}")
-    gt, lqf = gt[:n], lqf[:n]
+    gt, lqf, fps = compressed_clip(a.clip, a.frames, a.bitrate, tmp)
+    n, h, w = gt.shape[:3]
+    lq = os.path.join(tmp, "lq.rgb")  # the element reads the compressed frames from here
     rows = [("compressed input (x264 %d kbit/s)" % a.bitrate, lqf)]
-    fids = [float(x) for x in a.fidelity.split(",")]
+    if not a.no_baselines:
+        rows += classic_rows(lqf.astype(np.uint8))
+    fids = [float(x) for x in a.fidelity.split(",") if x]
     if a.pytorch:
         rows += pytorch_rows(a.pytorch.split(","), lqf.astype(np.uint8), fids)
         fids = []
