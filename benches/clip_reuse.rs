@@ -16,17 +16,17 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use gstdpir::cache::CacheStats;
-use gstdpir::engine::{DeviceSpec, EngineSettings, FrameContext, Image, LqLatent, RestoreEngine, StreamInfo};
-use gstdpir::restorer::DpirEngine;
-use gstdpir::scene::{ClipTracker, ClipTrackerSettings};
+use gstdpir::clip::{ClipTracker, ClipTrackerSettings};
+use gstdpir::engine::clip_state::ReuseStats;
+use gstdpir::engine::dpir::DpirEngine;
+use gstdpir::engine::{DeviceSpec, EngineSettings, Frame, FrameContext, LqLatent, Pixels, RestoreEngine, StreamInfo};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 /// Decode the first `n` frames of `file`, scaled to `w × h` RGB.
-fn frames(file: &str, n: u64, w: usize, h: usize) -> Vec<Image> {
+fn frames(file: &str, n: u64, w: usize, h: usize) -> Vec<Frame> {
     let p = launch(&format!(
         "filesrc location=\"{}\" ! decodebin ! videoconvert ! videoscale ! \
          video/x-raw,format=RGB,width={w},height={h},pixel-aspect-ratio=1/1 ! identity eos-after={} ! \
@@ -42,13 +42,11 @@ fn frames(file: &str, n: u64, w: usize, h: usize) -> Vec<Image> {
             let info = gst_video::VideoInfo::from_caps(caps).unwrap();
             let stride = info.stride()[0] as usize;
             let map = b.map_readable().unwrap();
-            let mut img = Image::new(w, h);
+            let mut rgb = Vec::with_capacity(w * h * 3);
             for y in 0..h {
-                for x in 0..w * 3 {
-                    img.data[y * w * 3 + x] = map[y * stride + x] as f32 / 255.0;
-                }
+                rgb.extend_from_slice(&map[y * stride..y * stride + w * 3]);
             }
-            img
+            Frame { width: w, height: h, pixels: Pixels::Rgb8(rgb) }
         })
         .collect()
 }
@@ -74,8 +72,15 @@ fn main() {
         .iter()
         .enumerate()
         .map(|(i, img)| {
-            let (clip_index, new_clip) = tracker.observe(img, prompt);
-            FrameContext { index: i as u64, clip_index, new_clip, prompt: prompt.into(), cancel: Default::default() }
+            let p = tracker.observe(img, prompt);
+            FrameContext {
+                index: i as u64,
+                clip_index: p.clip_index,
+                position: p.position,
+                new_clip: p.reason,
+                prompt: p.prompt,
+                cancel: Default::default(),
+            }
         })
         .collect();
     let clips = ctxs.iter().filter(|c| c.new_clip.is_some()).count();
@@ -112,19 +117,19 @@ fn main() {
         let mut c = ctxs[0].clone();
         c.clip_index = u64::MAX;
         c.prompt = "warm-up".into();
-        e.restore(&video[0], &c).unwrap();
+        e.restore(video[0].clone(), &c).unwrap();
     }
     // Frame by frame, both modes in alternating order: background load drifts alike for both.
-    let before: Vec<CacheStats> = engines.iter().map(|(_, e)| e.stats()).collect();
+    let before: Vec<ReuseStats> = engines.iter().map(|(_, e)| e.stats()).collect();
     let mut walls = [Duration::ZERO; 2];
     for (i, (img, ctx)) in video.iter().zip(&ctxs).enumerate() {
         for j in [i % 2, 1 - i % 2] {
             let t0 = Instant::now();
-            engines[j].1.restore(img, ctx).unwrap();
+            engines[j].1.restore(img.clone(), ctx).unwrap();
             walls[j] += t0.elapsed();
         }
     }
-    let results: Vec<(bool, Duration, CacheStats, CacheStats)> =
+    let results: Vec<(bool, Duration, ReuseStats, ReuseStats)> =
         (0..2).map(|j| (engines[j].0, walls[j], before[j], engines[j].1.stats())).collect();
     println!(
         "{:<28} {:>8} {:>9} {:>7} {:>7} {:>7} {:>10} {:>10} {:>10} {:>10} {:>9}",

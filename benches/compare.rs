@@ -21,11 +21,13 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use gstdpir::engine::{ClipReason, DeviceSpec, EngineSettings, FrameContext, LqLatent, RestoreEngine, StreamInfo};
+use gstdpir::engine::dpir::DpirEngine;
+use gstdpir::engine::{
+    ClipReason, DeviceSpec, EngineSettings, Frame, FrameContext, LqLatent, Pixels, RestoreEngine, StreamInfo,
+};
 use gstdpir::model::preprocess::RgbImage;
 use gstdpir::model::transformer::{DpirTransformer, DpirTransformerConfig};
 use gstdpir::model::vae::{AutoencoderKl, AutoencoderKlConfig};
-use gstdpir::restorer::{DpirEngine, Upsampled};
 use serde_json::{Value, json};
 
 fn median_ms(iters: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<(f64, Tensor)> {
@@ -56,9 +58,10 @@ fn gemm_peak(n: usize, dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// f32 weights through the model loader's own path (each tensor read once, converted from the
+/// file's dtype).
 fn var_builder(path: &str, dev: &Device) -> Result<VarBuilder<'static>> {
-    // SAFETY: the weight files are not modified while the bench runs.
-    Ok(unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, dev)? })
+    Ok(gstdpir::model::loader::var_builder_from_files(&[PathBuf::from(path)], DType::F32, dev)?)
 }
 
 fn main() -> Result<()> {
@@ -95,17 +98,18 @@ fn main() -> Result<()> {
             let (ms, y) = median_ms(iters, || Ok(model.forward(x, cond, ctx, pooled, ts)?))?;
             report(name, "transformer forward (incl. control)", shape.clone(), ms, iters);
             outputs.insert("transformer_sample".into(), y);
-            let (ms, c) = median_ms(iters, || Ok(model.control_features(cond)?))?;
-            report(name, "control_conv alone", shape.clone(), ms, iters);
-            let (ms, _) = median_ms(iters, || Ok(model.forward_with_control(x, &c, ctx, pooled, ts)?))?;
-            report(name, "step, control precomputed", shape, ms, iters);
+            if case["rows"].as_str() != Some("forward") {
+                let (ms, c) = median_ms(iters, || Ok(model.control_features(cond)?))?;
+                report(name, "control_conv alone", shape.clone(), ms, iters);
+                let (ms, _) = median_ms(iters, || Ok(model.forward_with_control(x, &c, ctx, pooled, ts)?))?;
+                report(name, "step, control precomputed", shape, ms, iters);
+            }
         }
 
         if let Some(v) = case.get("vae").filter(|v| !v.is_null()) {
             let cfg: AutoencoderKlConfig = serde_json::from_value(v["config"].clone())?;
             // Untiled, as diffusers' `AutoencoderKL.decode` without `enable_tiling()`.
-            let vae = AutoencoderKl::new(&cfg, var_builder(v["weights"].as_str().context("weights")?, &dev)?)?
-                .with_tiling(None);
+            let vae = AutoencoderKl::new(&cfg, var_builder(v["weights"].as_str().context("weights")?, &dev)?)?;
             let io = candle_core::safetensors::load(v["inputs"].as_str().context("inputs")?, &dev)?;
             let z = io.get("latent").with_context(|| format!("{name}: input latent"))?;
             let (b, c, h, w) = z.dims4()?;
@@ -137,7 +141,7 @@ fn main() -> Result<()> {
             engine
                 .configure(&StreamInfo { in_width: w, in_height: h, scale: 1, fps: None, depth: 8 })
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let up = Upsampled::from_rgb8(up);
+            let frame = Frame { width: w, height: h, pixels: Pixels::Rgb8(up.data.clone()) };
             let mut clip = 0;
             // Every call a new clip, so the global prompt is computed each time (as PyTorch does).
             let (ms, y) = median_ms(iters, || {
@@ -145,14 +149,16 @@ fn main() -> Result<()> {
                 let ctx = FrameContext {
                     index: 0,
                     clip_index: clip,
+                    position: 0,
                     new_clip: Some(ClipReason::Start),
                     prompt: String::new(),
                     cancel: Default::default(),
                 };
-                Ok(engine.restore_upsampled(&up, &ctx, Some(noise))?.1.output)
+                let (image, _) =
+                    engine.restore_traced(frame.clone(), &ctx, Some(noise)).map_err(|e| anyhow::anyhow!("{e}"))?;
+                Ok(Tensor::from_vec(image.planes, (1, 3, h, w), &dev)?)
             })?;
             report(name, "whole dpir-nano frame x2", format!("{w}x{h} out, {}", engine.describe()), ms, iters);
-            eprintln!("rust frame stages (last run): {}", engine.last_timings);
             outputs.insert("frame_output".into(), y);
         }
 

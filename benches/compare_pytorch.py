@@ -127,8 +127,36 @@ def make_vae(cfg):
 # prepare
 
 
-def prepare(work, medium=True):
+def prepare_real(work, real):
+    """One case: the DPIR transformer of a real-size model directory (`benches/real_size.rs`
+    writes one with random weights), one step at 4096 image + 333 context tokens, forward only."""
+    mj = json.load(open(os.path.join(real, "model.json")))
+    tcfg = {k: v for k, v in json.load(open(os.path.join(real, mj["transformer"]["config"]))).items()
+            if not k.startswith("_")}
+    torch.manual_seed(4)
+    lat = 128  # 1024 px: 64 x 64 patches = 4096 tokens
+    save_file(
+        {
+            "hidden_states": torch.randn(1, 16, lat, lat),
+            "controlnet_cond": torch.randn(1, 16, lat, lat),
+            "encoder_hidden_states": torch.randn(1, CTX_TOKENS, tcfg["joint_attention_dim"]),
+            "pooled_projections": torch.randn(1, tcfg["pooled_projection_dim"]),
+            "timestep": torch.tensor([857.6923]),
+        },
+        f"{work}/real.transformer_in.safetensors",
+    )
+    weights = os.path.join(real, mj["transformer"]["weights"][0])
+    return [{"name": "real", "iters": 1, "rows": "forward",
+             "transformer": {"weights": weights, "config": tcfg, "inputs": f"{work}/real.transformer_in.safetensors"}}]
+
+
+def prepare(work, medium=True, real=None):
     os.makedirs(work, exist_ok=True)
+    if real:
+        cases = prepare_real(work, real)
+        json.dump({"out_dir": work, "gemm_n": GEMM_N, "cases": cases}, open(f"{work}/spec.json", "w"), indent=1)
+        print(f"{work}/spec.json")
+        return
     cases = []
 
     # tiny: fixture weights and inputs
@@ -285,8 +313,10 @@ def run_torch(work, log):
                 args = [io[k] for k in ["hidden_states", "controlnet_cond", "encoder_hidden_states",
                                         "pooled_projections", "timestep"]]
                 outputs["transformer_sample"] = timed(name, "transformer forward (incl. control)", iters, lambda: m(*args))
-                c = timed(name, "control_conv alone", iters, lambda: m.control_conv(args[1]))
-                timed(name, "step, control precomputed", iters, lambda: m(*args, control=c))
+                if case.get("rows") != "forward":
+                    c = timed(name, "control_conv alone", iters, lambda: m.control_conv(args[1]))
+                    timed(name, "step, control precomputed", iters, lambda: m(*args, control=c))
+                del m
             v = case.get("vae")
             if v:
                 vae = make_vae(v["config"]).eval()
@@ -388,7 +418,9 @@ def table(work, rounds):
 if __name__ == "__main__":
     cmd = sys.argv[1] if len(sys.argv) > 1 else ""
     if cmd == "prepare":
-        prepare(sys.argv[2], medium="--no-medium" not in sys.argv[3:])
+        rest = sys.argv[3:]
+        real = rest[rest.index("--real") + 1] if "--real" in rest else None
+        prepare(sys.argv[2], medium="--no-medium" not in rest, real=real)
     elif cmd == "torch":
         run_torch(sys.argv[2], sys.argv[3])
     elif cmd == "table":

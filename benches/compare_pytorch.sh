@@ -45,7 +45,7 @@ if [ -n "${DPIR_CMP_BIN:-}" ]; then
     BIN=$DPIR_CMP_BIN
 else
     echo "== building the Rust bench (profile $DPIR_CMP_PROFILE)" >&2
-    BIN=$(nice -n 0 cargo bench --profile "$DPIR_CMP_PROFILE" --no-default-features --bench compare --no-run \
+    BIN=$(nice -n 0 cargo bench --profile "$DPIR_CMP_PROFILE" --no-default-features --features parity --bench compare --no-run \
         --message-format=json-render-diagnostics |
         "$PY" -c 'import json,sys
 for l in sys.stdin:

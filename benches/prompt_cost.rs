@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 use gstdpir::model::clip::{ClipVisionConfig, ClipVisionModel};
 use gstdpir::model::preprocess::RgbImage;
 use gstdpir::model::prompt::{ImagePromptEncoder, PromptConfig, assemble};
-use gstdpir::model::t5::{T5EncoderModel, T5Tokenizer, TextEncoder, t5_config};
+use gstdpir::model::t5::{T5Config, T5Encoder, T5Tokenizer, TextEncoder};
 use serde_json::Value;
 
 fn median<T>(n: usize, mut f: impl FnMut() -> Result<T>) -> Result<Duration> {
@@ -44,8 +44,9 @@ fn main() -> Result<()> {
         |c: &str| -> Result<ClipVisionModel> { ClipVisionModel::new(&ClipVisionConfig::from_json(lc(c))?, vb(c)?) };
     let image =
         ImagePromptEncoder::new(tower("image_encoder_one")?, tower("image_encoder_two")?, PromptConfig::default())?;
-    let mut text = TextEncoder::new(
-        T5EncoderModel::load(vb("text_encoder_three")?, &t5_config(lc("text_encoder_three"))?)?,
+    let t5: T5Config = serde_json::from_value(lc("text_encoder_three").clone())?;
+    let text = TextEncoder::new(
+        T5Encoder::new(&t5, vb("text_encoder_three")?)?,
         T5Tokenizer::from_file(dir.join(cfg["tokenizer_files"]["tokenizer_json"].as_str().unwrap_or_default()), 256)?,
         Device::Cpu,
     );

@@ -16,9 +16,9 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use gstdpir::engine::{EngineSettings, FrameContext, Image, RestoreEngine, StreamInfo};
-use gstdpir::restorer::DpirEngine;
-use gstdpir::scene::{ClipTracker, ClipTrackerSettings};
+use gstdpir::clip::{ClipTracker, ClipTrackerSettings};
+use gstdpir::engine::dpir::DpirEngine;
+use gstdpir::engine::{EngineSettings, Frame, FrameContext, Pixels, RestoreEngine, StreamInfo};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -35,13 +35,13 @@ fn main() -> Result<()> {
         bail!("{} holds no whole {w}x{h} RGBx frame", raw.to_string_lossy());
     }
     let n = env_or("DPIR_BENCH_FRAMES", bytes.len() / frame_bytes).min(bytes.len() / frame_bytes);
-    let video: Vec<Image> = bytes
+    let video: Vec<Frame> = bytes
         .chunks_exact(frame_bytes)
         .take(n)
-        .map(|f| Image {
+        .map(|f| Frame {
             width: w,
             height: h,
-            data: f.chunks_exact(4).flat_map(|p| p[..3].iter().map(|&v| v as f32 / 255.0)).collect(),
+            pixels: Pixels::Rgb8(f.chunks_exact(4).flat_map(|p| p[..3].to_vec()).collect()),
         })
         .collect();
 
@@ -62,9 +62,16 @@ fn main() -> Result<()> {
 
     let mut tracker = ClipTracker::new(ClipTrackerSettings::default());
     let prompt = settings.prompt.clone();
-    let mut ctx_of = |i: usize, img: &Image| {
-        let (clip_index, new_clip) = tracker.observe(img, &prompt);
-        FrameContext { index: i as u64, clip_index, new_clip, prompt: prompt.clone(), cancel: Default::default() }
+    let mut ctx_of = |i: usize, img: &Frame| {
+        let p = tracker.observe(img, &prompt);
+        FrameContext {
+            index: i as u64,
+            clip_index: p.clip_index,
+            position: p.position,
+            new_clip: p.reason,
+            prompt: p.prompt,
+            cancel: Default::default(),
+        }
     };
     println!(
         "film: {} frames {w}x{h} ×{scale} → {}x{}, {}, loaded in {:.1} s",
@@ -77,7 +84,8 @@ fn main() -> Result<()> {
     println!("PEAKMEM RESET"); // tests/gpu/peakmem.py: the measured phase starts after loading
     // The first frame pays one-time costs (kernel loading, allocator growth): timed apart.
     let t0 = Instant::now();
-    let mut last = engine.restore(&video[0], &ctx_of(0, &video[0])).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ctx = ctx_of(0, &video[0]);
+    let mut last = engine.restore(video[0].clone(), &ctx).map_err(|e| anyhow::anyhow!("{e}"))?;
     let first = t0.elapsed();
     let mut wall = Duration::ZERO;
     let mut clips = 1;
@@ -85,23 +93,25 @@ fn main() -> Result<()> {
         let ctx = ctx_of(i, img);
         clips += ctx.new_clip.is_some() as usize;
         let t = Instant::now();
-        last = engine.restore(img, &ctx).map_err(|e| anyhow::anyhow!("{e}"))?;
+        last = engine.restore(img.clone(), &ctx).map_err(|e| anyhow::anyhow!("{e}"))?;
         wall += t.elapsed();
     }
     let timed = video.len() - 1;
     let fps = if timed > 0 { timed as f64 / wall.as_secs_f64() } else { 1.0 / first.as_secs_f64() };
-    let bad = last.data.iter().filter(|v| !v.is_finite()).count();
+    let bad = last.image.planes.iter().filter(|v| !v.is_finite()).count();
     println!("  first frame: {:.1} ms (one-time costs included)", first.as_secs_f64() * 1e3);
     println!(
         "  {timed} frames after it: {:.1} ms/frame, {fps:.2} frames/s, {clips} clip(s); last frame: {}",
         if timed > 0 { wall.as_secs_f64() * 1e3 / timed as f64 } else { f64::NAN },
-        engine.timings().unwrap_or_default()
+        last.timings
     );
     if let Some(dir) = std::env::var_os("DPIR_OUT") {
         let p = std::path::Path::new(&dir).join("film-last-restored.ppm");
         let mut f = std::fs::File::create(&p)?;
-        write!(f, "P6\n{} {}\n255\n", last.width, last.height)?;
-        f.write_all(&last.data.iter().map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8).collect::<Vec<_>>())?;
+        let img = &last.image;
+        write!(f, "P6\n{} {}\n255\n", img.width, img.height)?;
+        let px = (0..img.width * img.height).flat_map(|i| img.pixel(i % img.width, i / img.width));
+        f.write_all(&px.map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8).collect::<Vec<_>>())?;
         println!("  wrote {}", p.display());
     }
     println!(

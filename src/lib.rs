@@ -1,16 +1,14 @@
 //! gst-dpir: a GStreamer plugin restoring video and stills with DPIR (dual prompting, DiT),
 //! Kong et al., CVPR 2025, running on candle.
 //!
-//! Layout: [`model`] is pure candle (no GStreamer types); [`engine`] is the small interface the
-//! element drives, implemented by [`restorer`] (the per-frame policy) with [`cache`] (the
-//! per-clip tensors) beside it; [`scene`] finds the clips on the element side; the
-//! `dpirrestore` element (feature `gst`) is GStreamer glue only.
+//! Layers, each importing only the ones after it: the `dpirrestore` element (feature `gst`,
+//! GStreamer glue only) → [`clip`] (the clip policy: where clips start, each frame's position,
+//! the prompt in force) → [`engine`] (the interface the element drives, the DPIR engine and its
+//! per-clip state) → [`model`] (pure candle, no GStreamer types).
 
-pub mod cache;
+pub mod clip;
 pub mod engine;
 pub mod model;
-pub mod restorer;
-pub mod scene;
 
 #[cfg(feature = "gst")]
 pub mod dpirrestore;

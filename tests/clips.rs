@@ -14,10 +14,12 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use gst::prelude::*;
-use gstdpir::cache::CacheStats;
 use gstdpir::dpirrestore::DpirRestore;
-use gstdpir::engine::{EngineError, EngineSettings, FrameContext, Image, RestoreEngine, StreamInfo, upscale_nearest};
-use gstdpir::restorer::DpirEngine;
+use gstdpir::engine::clip_state::ReuseStats;
+use gstdpir::engine::dpir::DpirEngine;
+use gstdpir::engine::{
+    EngineError, EngineSettings, Frame, FrameContext, FrameTimings, Image, Pixels, RestoreEngine, Restored, StreamInfo,
+};
 
 const FILM: &str = "Shepard_Calais_1906_FrenchGP.ogv";
 const BIKES: &str = "bikes.mp4";
@@ -55,8 +57,9 @@ fn decode(file: &str, w: u32, h: u32) -> Vec<Vec<u8>> {
 fn raw_clip(film: usize, bikes: usize, w: u32, h: u32) -> std::path::PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    // Kept between runs (same content every time): a few MB in the temporary directory.
-    let path = std::env::temp_dir().join(format!("gst-dpir-clip-{film}-{bikes}-{w}x{h}.rgb"));
+    // Made once per test run (a few MB in the temporary directory, this process's own: a file
+    // left by an earlier run, or another build, is never trusted).
+    let path = std::env::temp_dir().join(format!("gst-dpir-clip-{film}-{bikes}-{w}x{h}-{}.rgb", std::process::id()));
     if !path.exists() {
         let mut data = Vec::new();
         for (file, n) in [(FILM, film), (BIKES, bikes)] {
@@ -135,9 +138,13 @@ impl RestoreEngine for RecordingEngine {
         self.scale = info.scale;
         Ok(())
     }
-    fn restore(&mut self, frame: &Image, ctx: &FrameContext) -> Result<Image, EngineError> {
+    fn restore(&mut self, frame: Frame, ctx: &FrameContext) -> Result<Restored, EngineError> {
         self.rec.0.lock().unwrap().push(ctx.clone());
-        Ok(upscale_nearest(frame, self.scale))
+        Ok(Restored {
+            image: Image::upscale_nearest(&frame, self.scale),
+            timings: FrameTimings::default(),
+            warnings: vec![],
+        })
     }
 }
 
@@ -195,21 +202,19 @@ fn hard_cuts_in_two_real_videos_concatenated_are_found_exactly() {
 fn scene_cut_statistic_separates_cuts_from_flicker_and_motion_with_a_margin() {
     // The statistic itself, frame by frame (no element): every hand-checked cut scores well above
     // the default threshold, every other frame well below, in both videos and across the join.
-    use gstdpir::scene::{ClipTracker, ClipTrackerSettings, DEFAULT_SCENE_THRESHOLD};
+    use gstdpir::clip::{ClipTracker, ClipTrackerSettings, DEFAULT_SCENE_THRESHOLD};
     let (w, h) = (214usize, 160usize);
     let stride = (w * 3).next_multiple_of(4);
     let mut tracker = ClipTracker::new(ClipTrackerSettings { scene_threshold: 1.0, ..Default::default() });
     let mut scores = Vec::new();
     for file in [FILM, BIKES] {
         for raw in decode(file, w as u32, h as u32) {
-            let mut img = Image::new(w, h);
+            let mut rgb = Vec::with_capacity(w * h * 3);
             for y in 0..h {
-                for x in 0..w * 3 {
-                    img.data[y * w * 3 + x] = raw[y * stride + x] as f32 / 255.0;
-                }
+                rgb.extend_from_slice(&raw[y * stride..y * stride + w * 3]);
             }
-            tracker.observe(&img, "");
-            scores.push(tracker.last_distance);
+            let frame = Frame { width: w, height: h, pixels: Pixels::Rgb8(rgb) };
+            scores.push(tracker.observe(&frame, "").difference);
         }
     }
     let cuts: Vec<usize> = FILM_CUTS
@@ -306,14 +311,14 @@ fn stream_title_tag_is_the_prompt_when_asked_and_none_is_set() {
 /// DPIR engine whose cache statistics stay readable after the pipeline is gone.
 struct Counting {
     engine: DpirEngine,
-    stats: Arc<Mutex<CacheStats>>,
+    stats: Arc<Mutex<ReuseStats>>,
 }
 
 impl RestoreEngine for Counting {
     fn configure(&mut self, info: &StreamInfo) -> Result<(), EngineError> {
         self.engine.configure(info)
     }
-    fn restore(&mut self, frame: &Image, ctx: &FrameContext) -> Result<Image, EngineError> {
+    fn restore(&mut self, frame: Frame, ctx: &FrameContext) -> Result<Restored, EngineError> {
         let out = self.engine.restore(frame, ctx);
         *self.stats.lock().unwrap() = self.engine.stats();
         out
@@ -321,8 +326,8 @@ impl RestoreEngine for Counting {
 }
 
 /// Install a DPIR engine built from the element's settings (edited by `tweak`), counting.
-fn use_counting_dpir(p: &gst::Pipeline, tweak: fn(&mut EngineSettings)) -> Arc<Mutex<CacheStats>> {
-    let stats = Arc::new(Mutex::new(CacheStats::default()));
+fn use_counting_dpir(p: &gst::Pipeline, tweak: fn(&mut EngineSettings)) -> Arc<Mutex<ReuseStats>> {
+    let stats = Arc::new(Mutex::new(ReuseStats::default()));
     let s2 = stats.clone();
     element(p).set_engine_factory(move |settings| {
         let mut settings = settings.clone();
@@ -349,7 +354,7 @@ fn hashes(p: &gst::Pipeline) -> Arc<Mutex<Vec<u64>>> {
 struct Run {
     clips: Vec<Clip>,
     hashes: Vec<u64>,
-    stats: CacheStats,
+    stats: ReuseStats,
 }
 
 /// 4 film frames then 4 bikes frames at 128×96 (or bikes alone), through DPIR.

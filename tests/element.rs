@@ -10,7 +10,9 @@ use gst::glib;
 use gst::prelude::*;
 use gst_check::Harness;
 use gstdpir::dpirrestore::DpirRestore;
-use gstdpir::engine::{EngineError, EngineSettings, FrameContext, Image, RestoreEngine, StreamInfo, upscale_nearest};
+use gstdpir::engine::{
+    EngineError, EngineSettings, Frame, FrameContext, FrameTimings, Image, RestoreEngine, Restored, StreamInfo,
+};
 
 fn init() {
     static INIT: Once = Once::new();
@@ -27,6 +29,36 @@ struct TestEngine {
     fail_at: Option<u64>,
     calls: Arc<AtomicUsize>,
     contexts: Arc<Mutex<Vec<FrameContext>>>,
+    gate: Option<Gate>,
+}
+
+/// Holds the engine inside `restore` until opened (a frame "in progress" for as long as a test
+/// needs).
+#[derive(Clone, Default)]
+struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl Gate {
+    fn wait(&self) {
+        let (open, cond) = &*self.0;
+        let mut o = open.lock().unwrap();
+        while !*o {
+            o = cond.wait(o).unwrap();
+        }
+    }
+    fn open(&self) {
+        let (open, cond) = &*self.0;
+        *open.lock().unwrap() = true;
+        cond.notify_all();
+    }
+}
+
+/// Wait (at most 10 s) until `cond` holds.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 impl RestoreEngine for TestEngine {
@@ -34,17 +66,18 @@ impl RestoreEngine for TestEngine {
         self.scale = info.scale;
         Ok(())
     }
-    fn restore(&mut self, frame: &Image, ctx: &FrameContext) -> Result<Image, EngineError> {
+    fn restore(&mut self, frame: Frame, ctx: &FrameContext) -> Result<Restored, EngineError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.contexts.lock().unwrap().push(ctx.clone());
         if Some(ctx.index) == self.fail_at {
-            return Err(EngineError::Runtime(format!("test engine: failing on frame {} as asked", ctx.index)));
+            return Err(EngineError::Stream(format!("test engine: failing on frame {} as asked", ctx.index)));
+        }
+        if let Some(g) = &self.gate {
+            g.wait();
         }
         std::thread::sleep(self.delay);
-        Ok(upscale_nearest(frame, self.scale))
-    }
-    fn latency(&self) -> Option<Duration> {
-        Some(Duration::from_millis(40))
+        let image = Image::upscale_nearest(&frame, self.scale);
+        Ok(Restored { image, timings: FrameTimings::default(), warnings: Vec::new() })
     }
 }
 
@@ -52,20 +85,28 @@ impl RestoreEngine for TestEngine {
 struct Probe {
     calls: Arc<AtomicUsize>,
     contexts: Arc<Mutex<Vec<FrameContext>>>,
+    /// Engines built.
+    loads: Arc<AtomicUsize>,
 }
 
 fn element_with_test_engine(delay_ms: u64, fail_at: Option<u64>) -> (gst::Element, Probe) {
+    element_with_gated_engine(delay_ms, fail_at, None)
+}
+
+fn element_with_gated_engine(delay_ms: u64, fail_at: Option<u64>, gate: Option<Gate>) -> (gst::Element, Probe) {
     init();
     let element = gst::ElementFactory::make("dpirrestore").build().unwrap();
     let probe = Probe::default();
     let p = probe.clone();
     element.downcast_ref::<DpirRestore>().unwrap().set_engine_factory(move |_s: &EngineSettings| {
+        p.loads.fetch_add(1, Ordering::SeqCst);
         Ok(Box::new(TestEngine {
             scale: 1,
             delay: Duration::from_millis(delay_ms),
             fail_at,
             calls: p.calls.clone(),
             contexts: p.contexts.clone(),
+            gate: gate.clone(),
         }) as Box<dyn RestoreEngine>)
     });
     (element, probe)
@@ -284,15 +325,16 @@ fn test_engine_caps_change_mid_stream_renegotiates_the_output_size() {
 }
 
 #[test]
-fn test_engine_latency_query_adds_processing_time() {
-    let (element, _) = element_with_test_engine(0, None);
+fn test_engine_latency_query_adds_the_measured_processing_time() {
+    let (element, _) = element_with_test_engine(40, None);
     let mut h = harness(&element);
     h.set_upstream_latency(gst::ClockTime::from_mseconds(10));
     h.set_src_caps(caps("RGB", 8, 8));
     h.push_and_pull(rgb_buffer(8, 8, 0)).unwrap();
     let latency = h.query_latency().expect("latency answered");
-    // 10 ms upstream + the engine's 40 ms per frame.
-    assert_eq!(latency, gst::ClockTime::from_mseconds(50));
+    // 10 ms upstream + the frame's measured time (the engine sleeps 40 ms).
+    let ms = latency.mseconds();
+    assert!((50..150).contains(&ms), "latency {latency}");
 }
 
 #[test]
@@ -308,9 +350,12 @@ fn test_engine_failure_becomes_an_element_error_not_a_panic() {
     let msg = bus.timed_pop_filtered(gst::ClockTime::from_seconds(5), &[gst::MessageType::Error]).expect("error");
     let gst::MessageView::Error(err) = msg.view() else { unreachable!() };
     assert!(err.error().to_string().contains("failing on frame 2"), "{}", err.error());
-    // Upstream learns it on its next push.
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(h.push(rgb_buffer(8, 8, 3)), Err(gst::FlowError::Error));
+    // Upstream learns it on a following push (once the worker has recorded the flow).
+    let mut i = 3;
+    wait_until("upstream sees the error", || {
+        i += 1;
+        h.push(rgb_buffer(8, 8, i)) == Err(gst::FlowError::Error)
+    });
 }
 
 #[test]
@@ -324,7 +369,9 @@ fn test_engine_load_failure_is_an_element_error_and_the_pipeline_ends() {
     .unwrap();
     let d = pipeline.by_name("d").unwrap();
     d.downcast_ref::<DpirRestore>().unwrap().set_engine_factory(|_s: &EngineSettings| {
-        Err(EngineError::Model("model.json not found in /nonexistent: point `model` at a model directory".into()))
+        Err(EngineError::Load(gstdpir::engine::LoadError::Invalid(
+            "model.json not found in /nonexistent: point `model` at a model directory".into(),
+        )))
     });
     let _ = pipeline.set_state(gst::State::Playing);
     let bus = pipeline.bus().unwrap();
@@ -492,6 +539,7 @@ fn test_engine_scale_3_and_an_unknown_device_are_refused_with_the_reason() {
                 fail_at: None,
                 calls: Default::default(),
                 contexts: Default::default(),
+                gate: None,
             }) as Box<dyn RestoreEngine>)
         });
         assert!(pipeline.set_state(gst::State::Playing).is_err(), "{prop}={value} must not start");
@@ -510,12 +558,12 @@ fn test_engine_scale_3_and_an_unknown_device_are_refused_with_the_reason() {
 fn test_engine_flush_keeps_caps_the_worker_has_not_handled_yet() {
     // The worker is busy with frame 0 while new caps are queued behind it; a flush then
     // discards frames but must keep the caps (sticky), or later frames would be unnegotiated.
-    let (element, _) = element_with_test_engine(200, None);
+    let (element, probe) = element_with_test_engine(200, None);
     element.set_property("max-inflight", 4u32);
     let mut h = harness(&element);
     h.set_src_caps(caps("RGB", 8, 8));
     h.push(rgb_buffer(8, 8, 0)).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    wait_until("the worker is in frame 0", || probe.calls.load(Ordering::SeqCst) == 1);
     h.push_event(gst::event::Caps::new(&caps("RGB", 12, 10)));
     h.push(rgb_buffer(12, 10, 1)).unwrap();
     assert!(h.push_event(gst::event::FlushStart::new()));
@@ -540,11 +588,7 @@ fn test_engine_tag_and_clip_events_never_wait_for_a_frame_and_apply_in_stream_or
     let mut h = harness(&element);
     h.set_src_caps(caps("RGB", 8, 8));
     h.push(rgb_buffer(8, 8, 0)).unwrap();
-    let t = std::time::Instant::now();
-    while probe.calls.load(Ordering::SeqCst) == 0 {
-        assert!(t.elapsed() < Duration::from_secs(5), "the worker never started frame 0");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until("the worker started frame 0", || probe.calls.load(Ordering::SeqCst) == 1);
     let t = std::time::Instant::now();
     let mut tags = gst::TagList::new();
     tags.get_mut().unwrap().add::<gst::tags::Title>(&"a 1906 racing car", gst::TagMergeMode::Replace);
@@ -565,4 +609,109 @@ fn test_engine_tag_and_clip_events_never_wait_for_a_frame_and_apply_in_stream_or
     assert_eq!(ctxs[0].prompt, "");
     assert_eq!(ctxs[1].prompt, "a 1906 racing car");
     assert_eq!((ctxs[1].clip_index, ctxs[1].new_clip), (1, Some(gstdpir::engine::ClipReason::Event)));
+}
+
+/// `max-inflight` bounds the frames queued behind the one being restored: with the engine held
+/// inside frame 0, exactly `max-inflight` more pushes return and the next one blocks (an element
+/// ignoring the property would take the default 2 either way).
+#[test]
+fn test_engine_max_inflight_is_how_many_frames_wait_behind_the_one_in_progress() {
+    for max in [1u32, 3] {
+        let gate = Gate::default();
+        let (element, probe) = element_with_gated_engine(0, None, Some(gate.clone()));
+        element.set_property("max-inflight", max);
+        let mut h = harness(&element);
+        h.set_src_caps(caps("RGB", 8, 8));
+        let pad = h.srcpad().unwrap();
+        let pushed = Arc::new(AtomicUsize::new(0));
+        let p2 = pushed.clone();
+        let pusher = std::thread::spawn(move || {
+            for i in 0..6 {
+                if pad.push(rgb_buffer(8, 8, i)).is_err() {
+                    break;
+                }
+                p2.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        wait_until("the worker is in frame 0", || probe.calls.load(Ordering::SeqCst) == 1);
+        let accepted = 1 + max as usize;
+        wait_until("the queue is full", || pushed.load(Ordering::SeqCst) == accepted);
+        // The next push waits for the worker: nothing else gets in while frame 0 is held.
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(pushed.load(Ordering::SeqCst), accepted, "max-inflight={max}");
+        gate.open();
+        pusher.join().unwrap();
+        assert_eq!(pushed.load(Ordering::SeqCst), 6);
+        for _ in 0..6 {
+            h.pull().unwrap();
+        }
+    }
+}
+
+/// `scene-threshold` decides which frame differences start a clip: a hard cut (two unrelated
+/// frames) starts one at the default and none at 1.0.
+#[test]
+fn test_engine_scene_threshold_decides_whether_a_cut_starts_a_clip() {
+    for (threshold, clips) in [(None, 2), (Some(1.0f64), 1)] {
+        let (element, probe) = element_with_test_engine(0, None);
+        if let Some(t) = threshold {
+            element.set_property("scene-threshold", t);
+        }
+        let mut h = harness(&element);
+        h.set_src_caps(caps("RGB", 32, 32));
+        let flat = |v: u8| {
+            let info = gst_video::VideoInfo::builder(gst_video::VideoFormat::Rgb, 32, 32).build().unwrap();
+            gst::Buffer::from_mut_slice(vec![v; info.size()])
+        };
+        for b in [rgb_buffer(32, 32, 0), rgb_buffer(32, 32, 0), flat(0), flat(0)] {
+            h.push_and_pull(b).unwrap();
+        }
+        let ctxs = probe.contexts.lock().unwrap();
+        let starts = ctxs.iter().filter(|c| c.new_clip.is_some()).count();
+        assert_eq!(starts, clips, "scene-threshold={threshold:?}");
+    }
+}
+
+/// `prompt` changed while playing applies from the next frame the worker takes: it starts a clip
+/// (reason `prompt`) and the engine gets the new text.
+#[test]
+fn test_engine_a_prompt_set_while_playing_starts_a_clip_with_it() {
+    let (element, probe) = element_with_test_engine(0, None);
+    element.set_property("prompt", "a street");
+    let mut h = harness(&element);
+    h.set_src_caps(caps("RGB", 8, 8));
+    h.push_and_pull(rgb_buffer(8, 8, 0)).unwrap();
+    h.push_and_pull(rgb_buffer(8, 8, 0)).unwrap();
+    element.set_property("prompt", "a racing car");
+    h.push_and_pull(rgb_buffer(8, 8, 0)).unwrap();
+    let ctxs = probe.contexts.lock().unwrap();
+    let seen: Vec<(&str, u64, Option<gstdpir::engine::ClipReason>)> =
+        ctxs.iter().map(|c| (c.prompt.as_str(), c.clip_index, c.new_clip)).collect();
+    use gstdpir::engine::ClipReason::{Prompt, Start};
+    assert_eq!(seen, [("a street", 0, Some(Start)), ("a street", 0, None), ("a racing car", 1, Some(Prompt))]);
+}
+
+/// `analyse-only` builds no engine, passes every frame through unchanged (at any `scale`) and
+/// posts the clip messages.
+#[test]
+fn test_engine_analyse_only_loads_no_engine_and_passes_frames_through() {
+    let (element, probe) = element_with_test_engine(0, None);
+    element.set_property("analyse-only", true);
+    element.set_property("scale", 2u32);
+    let bus = gst::Bus::new();
+    element.set_bus(Some(&bus));
+    let mut h = harness(&element);
+    h.set_src_caps(caps("RGB", 8, 8));
+    for i in 0..3 {
+        let inbuf = rgb_buffer(8, 8, i);
+        let out = h.push_and_pull(inbuf.clone()).unwrap();
+        assert_eq!(out.map_readable().unwrap().as_slice(), inbuf.map_readable().unwrap().as_slice(), "frame {i}");
+    }
+    assert_eq!(probe.loads.load(Ordering::SeqCst), 0, "an engine was built");
+    assert_eq!(probe.calls.load(Ordering::SeqCst), 0);
+    let mut clips = 0;
+    while let Some(msg) = bus.pop() {
+        clips += msg.structure().is_some_and(|s| s.name() == "dpir-clip") as usize;
+    }
+    assert_eq!(clips, 1);
 }

@@ -10,7 +10,9 @@ use std::sync::atomic::Ordering;
 use common::*;
 use gst::prelude::*;
 use gstdpir::dpirrestore::DpirRestore;
-use gstdpir::engine::{EngineError, EngineSettings, FrameContext, Image, RestoreEngine, StreamInfo, upscale_nearest};
+use gstdpir::engine::{
+    EngineError, EngineSettings, Frame, FrameContext, FrameTimings, Image, RestoreEngine, Restored, StreamInfo,
+};
 
 const FILM: &str = "Shepard_Calais_1906_FrenchGP.ogv";
 
@@ -20,8 +22,12 @@ impl RestoreEngine for Nearest {
         self.0 = info.scale;
         Ok(())
     }
-    fn restore(&mut self, frame: &Image, _ctx: &FrameContext) -> Result<Image, EngineError> {
-        Ok(upscale_nearest(frame, self.0))
+    fn restore(&mut self, frame: Frame, _ctx: &FrameContext) -> Result<Restored, EngineError> {
+        Ok(Restored {
+            image: Image::upscale_nearest(&frame, self.0),
+            timings: FrameTimings::default(),
+            warnings: vec![],
+        })
     }
 }
 

@@ -1,7 +1,15 @@
 //! `dpirrestore` implementation: a sink pad whose chain function only queues, and a source pad
-//! task that runs the engine and pushes. Serialized events travel through the same queue so
-//! they stay in order with the frames around them, and the worker applies them in that order;
-//! nothing the streaming or downstream threads do waits for an inference.
+//! task (the worker) that runs the engine and pushes. Serialized events travel through the same
+//! queue so they stay in order with the frames around them, and the worker applies them in that
+//! order; nothing the streaming or downstream threads do waits for an inference.
+//!
+//! Three locks, always taken in this order and never the other way round:
+//! 1. `worker` — the engine, the clip tracker and the stream's bookkeeping; held by the worker
+//!    across an inference, taken elsewhere only while the task is stopped or paused;
+//! 2. `state` (with `cond`) — the queue between the streaming thread and the worker, the flow,
+//!    flushing, QoS, an upstream clip request, the duration and the measured latency; held briefly;
+//! 3. `settings` — the properties; held briefly.
+//! (`cancel`, an atomic flag, tells an inference in progress to stop.)
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, LazyLock, Mutex};
@@ -12,12 +20,12 @@ use gst::prelude::*;
 use gst::subclass::prelude::*;
 use gst_video::prelude::*;
 
-use super::video;
-use super::{ColorFix, LqLatent, Noise, Precision, Tiling};
+use super::{ColorFix, LqLatent, Noise, Precision, Tiling, caps, messages, video};
+use crate::clip::{ClipRequest, ClipTracker, ClipTrackerSettings};
 use crate::engine::{
-    CancelFlag, DeviceSpec, EngineError, EngineFactory, EngineSettings, FrameContext, RestoreEngine, StreamInfo,
+    CancelFlag, DeviceSpec, EngineError, EngineFactory, EngineSettings, FrameContext, Image, LoadError, RestoreEngine,
+    StreamInfo,
 };
-use crate::scene::{ClipRequest, ClipTracker, ClipTrackerSettings};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -27,9 +35,9 @@ static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     )
 });
 
-/// Every property's value. `Default` is the one source of the ParamSpec defaults; the model-side
-/// ones come from [`EngineSettings::default`].
-#[derive(Debug, Clone)]
+/// Every property's value, and the engine factory. `Default` is the one source of the
+/// ParamSpec defaults; the model-side ones come from [`EngineSettings::default`].
+#[derive(Clone)]
 struct Settings {
     engine: EngineSettings,
     /// A `device` string that did not parse: the state change to PAUSED fails with its error.
@@ -42,6 +50,8 @@ struct Settings {
     tags_as_prompt: bool,
     first_clip_index: u64,
     analyse_only: bool,
+    /// Replaces the DPIR engine (applications embedding the plugin from Rust, tests).
+    factory: Option<EngineFactory>,
 }
 
 impl Default for Settings {
@@ -52,11 +62,12 @@ impl Default for Settings {
             scale: 1,
             max_inflight: 2,
             qos: false,
-            scene_threshold: crate::scene::DEFAULT_SCENE_THRESHOLD,
+            scene_threshold: crate::clip::DEFAULT_SCENE_THRESHOLD,
             clip_max_frames: 0,
             tags_as_prompt: false,
             first_clip_index: 0,
             analyse_only: false,
+            factory: None,
         }
     }
 }
@@ -77,6 +88,14 @@ impl Settings {
         }
         Ok(())
     }
+
+    fn clip_settings(&self) -> ClipTrackerSettings {
+        ClipTrackerSettings {
+            scene_threshold: self.scene_threshold,
+            clip_max_frames: self.clip_max_frames,
+            first_clip_index: self.first_clip_index,
+        }
+    }
 }
 
 /// What travels from the streaming thread to the worker, in stream order.
@@ -85,7 +104,8 @@ enum Item {
     Event(gst::Event),
 }
 
-struct Queue {
+/// Everything the streaming thread, the worker and downstream share, behind one lock.
+struct State {
     items: VecDeque<Item>,
     /// Buffers in `items` (events don't count against `max-inflight`).
     frames: usize,
@@ -94,17 +114,48 @@ struct Queue {
     flushing: bool,
     /// Last downstream flow result, returned by the chain function.
     flow: Result<gst::FlowSuccess, gst::FlowError>,
+    /// Running time before which frames are late (from downstream QOS events).
+    qos_earliest: Option<gst::ClockTime>,
+    qos_processed: u64,
+    qos_dropped: u64,
+    /// A `dpir-clip` request from downstream (upstream event): taken by the worker at its next
+    /// frame, so the sending thread never waits for an inference.
+    upstream_clip: Option<ClipRequest>,
+    /// Duration of the stream from upstream, for the ETA.
+    duration: Option<gst::ClockTime>,
+    /// Measured processing time per frame, for LATENCY.
+    frame_time: Option<Duration>,
 }
 
-impl Default for Queue {
+impl Default for State {
     fn default() -> Self {
-        Self { items: VecDeque::new(), frames: 0, busy: false, flushing: false, flow: Ok(gst::FlowSuccess::Ok) }
+        Self {
+            items: VecDeque::new(),
+            frames: 0,
+            busy: false,
+            flushing: false,
+            flow: Ok(gst::FlowSuccess::Ok),
+            qos_earliest: None,
+            qos_processed: 0,
+            qos_dropped: 0,
+            upstream_clip: None,
+            duration: None,
+            frame_time: None,
+        }
     }
 }
 
-/// State owned by the worker (source pad task). Only the worker takes this lock while the task
-/// runs (state changes and flush-stop take it with the task stopped), so it may be held for a
-/// whole inference.
+impl State {
+    /// Forget QoS, the clip request and the duration (a new stream, or after a flush).
+    fn reset_stream(&mut self) {
+        self.qos_earliest = None;
+        self.qos_processed = 0;
+        self.qos_dropped = 0;
+        self.upstream_clip = None;
+    }
+}
+
+/// The worker's state: the engine and the stream's bookkeeping.
 struct Worker {
     engine: Option<Box<dyn RestoreEngine>>,
     /// The settings `engine` was built from.
@@ -116,8 +167,6 @@ struct Worker {
     started: Option<Instant>,
     segment: gst::FormattedSegment<gst::ClockTime>,
     clips: ClipTracker,
-    /// The stream's description/title tag (`tags-as-prompt`), from the last tag event handled.
-    tag_prompt: Option<String>,
 }
 
 impl Worker {
@@ -132,167 +181,87 @@ impl Worker {
             started: None,
             segment: gst::FormattedSegment::new(),
             clips: ClipTracker::new(clips),
-            tag_prompt: None,
         }
     }
-}
-
-#[derive(Default)]
-struct Qos {
-    /// Running time before which frames are late (from downstream QOS events).
-    earliest: Option<gst::ClockTime>,
-    processed: u64,
-    dropped: u64,
 }
 
 pub struct DpirRestore {
     sinkpad: gst::Pad,
     srcpad: gst::Pad,
-    settings: Mutex<Settings>,
-    queue: Mutex<Queue>,
-    cond: Condvar,
     worker: Mutex<Worker>,
-    /// A `dpir-clip` request from downstream (upstream event): taken by the worker at its next
-    /// frame, so the sending thread never waits for an inference.
-    upstream_clip: Mutex<Option<ClipRequest>>,
-    factory: Mutex<Option<EngineFactory>>,
+    state: Mutex<State>,
+    cond: Condvar,
+    settings: Mutex<Settings>,
     cancel: CancelFlag,
-    qos: Mutex<Qos>,
-    /// Measured processing time per frame, for LATENCY.
-    frame_time: Mutex<Option<Duration>>,
-    /// Duration of the stream from upstream, for the ETA.
-    duration: Mutex<Option<gst::ClockTime>>,
+}
+
+/// The GStreamer error an engine error is posted as.
+fn post_engine_error(imp: &DpirRestore, e: &EngineError) {
+    // First line only: with RUST_BACKTRACE set, candle appends a backtrace.
+    let msg = e.to_string();
+    let msg = msg.lines().next().unwrap_or_default();
+    match e {
+        EngineError::Load(LoadError::Invalid(_)) => {
+            gst::element_imp_error!(imp, gst::ResourceError::OpenRead, ("{msg}"))
+        }
+        EngineError::Load(LoadError::Memory(_)) => {
+            gst::element_imp_error!(imp, gst::ResourceError::NoSpaceLeft, ("{msg}"))
+        }
+        EngineError::Load(LoadError::Settings(_)) | EngineError::Settings(_) => {
+            gst::element_imp_error!(imp, gst::LibraryError::Settings, ("{msg}"))
+        }
+        EngineError::Stream(_) => gst::element_imp_error!(imp, gst::StreamError::Format, ("{msg}")),
+        EngineError::Runtime(_) => gst::element_imp_error!(imp, gst::StreamError::Failed, ("{msg}")),
+        EngineError::Cancelled => {}
+    }
 }
 
 impl DpirRestore {
     pub(super) fn set_engine_factory(&self, factory: EngineFactory) {
-        *self.factory.lock().unwrap() = Some(factory);
+        self.settings.lock().unwrap().factory = Some(factory);
     }
 
-    // ---- caps ----------------------------------------------------------------------------
-
-    /// Caps on the other side of the element: `towards_src` multiplies sizes by `scale`,
-    /// otherwise divides (dropping sizes that aren't multiples of it).
-    fn transform_caps(&self, caps: &gst::Caps, towards_src: bool) -> gst::Caps {
-        if caps.is_any() {
-            return caps.clone();
-        }
-        let scale = self.settings.lock().unwrap().effective_scale() as i32;
-        let mut out = gst::Caps::new_empty();
-        {
-            let out = out.get_mut().unwrap();
-            for (s, features) in caps.iter_with_features() {
-                let mut s = s.to_owned();
-                let mut ok = true;
-                for field in ["width", "height"] {
-                    let Ok(v) = s.value(field) else { continue };
-                    let v = v.clone();
-                    if let Ok(n) = v.get::<i32>() {
-                        if towards_src {
-                            s.set(field, n.saturating_mul(scale));
-                        } else if n % scale == 0 {
-                            s.set(field, n / scale);
-                        } else {
-                            ok = false;
-                        }
-                    } else if let Ok(r) = v.get::<gst::IntRange<i32>>() {
-                        let (lo, hi) = if towards_src {
-                            (r.min().saturating_mul(scale), r.max().saturating_mul(scale))
-                        } else {
-                            ((r.min() + scale - 1) / scale, r.max() / scale)
-                        };
-                        if lo > hi {
-                            ok = false;
-                        } else if lo == hi {
-                            s.set(field, lo);
-                        } else {
-                            s.set(field, gst::IntRange::new(lo.max(1), hi.max(1)));
-                        }
-                    } else {
-                        // Lists and other forms: let the template decide.
-                        s.remove_field(field);
-                    }
-                }
-                if ok {
-                    out.append_structure_full(s, Some(features.to_owned()));
-                }
-            }
-        }
-        out
-    }
-
-    fn query_caps(&self, pad: &gst::Pad, filter: Option<&gst::CapsRef>) -> gst::Caps {
-        let (other, towards_src) = if pad == &self.srcpad { (&self.sinkpad, true) } else { (&self.srcpad, false) };
-        let filter = filter.map(|f| f.to_owned());
-        let peer_filter = filter.as_ref().map(|f| self.transform_caps(f, !towards_src));
-        let peer = other.peer_query_caps(peer_filter.as_ref());
-        let mut caps = self.transform_caps(&peer, towards_src).intersect(&pad.pad_template_caps());
-        if let Some(f) = &filter {
-            caps = f.intersect_with_mode(&caps, gst::CapsIntersectMode::First);
-        }
-        caps
-    }
-
-    /// Validate input caps and derive the output caps (fixed).
-    fn output_caps(&self, caps: &gst::Caps) -> Result<(gst_video::VideoInfo, gst_video::VideoInfo), String> {
-        let info = gst_video::VideoInfo::from_caps(caps).map_err(|_| format!("unusable caps {caps}"))?;
-        if info.is_interlaced() {
-            return Err(format!(
-                "interlaced video ({:?}) is not supported: put `deinterlace` before dpirrestore",
-                info.interlace_mode()
-            ));
-        }
-        if !video::FORMATS.contains(&info.format()) {
-            return Err(format!("format {:?} is not supported: put `videoconvert` before dpirrestore", info.format()));
-        }
-        let scale = self.settings.lock().unwrap().effective_scale();
-        let out = gst_video::VideoInfo::builder(info.format(), info.width() * scale, info.height() * scale)
-            .fps(info.fps())
-            .par(info.par())
-            .colorimetry(&info.colorimetry())
-            .chroma_site(info.chroma_site())
-            .build()
-            .map_err(|e| format!("cannot build output caps: {e}"))?;
-        Ok((info, out))
+    fn scale(&self) -> u32 {
+        self.settings.lock().unwrap().effective_scale()
     }
 
     // ---- sink pad ------------------------------------------------------------------------
 
     fn sink_chain(&self, buffer: gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
         let max = self.settings.lock().unwrap().max_inflight.max(1) as usize;
-        let mut q = self.queue.lock().unwrap();
+        let mut s = self.state.lock().unwrap();
         loop {
-            if q.flushing {
+            if s.flushing {
                 return Err(gst::FlowError::Flushing);
             }
-            q.flow?;
-            if q.frames < max {
+            s.flow?;
+            if s.frames < max {
                 break;
             }
             // Back-pressure: wait for the worker to take a frame.
-            q = self.cond.wait(q).unwrap();
+            s = self.cond.wait(s).unwrap();
         }
-        q.items.push_back(Item::Buffer(buffer));
-        q.frames += 1;
+        s.items.push_back(Item::Buffer(buffer));
+        s.frames += 1;
         self.cond.notify_all();
-        q.flow
+        s.flow
     }
 
     fn enqueue_event(&self, event: gst::Event) -> bool {
-        let mut q = self.queue.lock().unwrap();
-        if q.flushing {
+        let mut s = self.state.lock().unwrap();
+        if s.flushing {
             return false;
         }
-        q.items.push_back(Item::Event(event));
+        s.items.push_back(Item::Event(event));
         self.cond.notify_all();
         true
     }
 
     /// Block until the worker has handled everything queued so far.
     fn wait_drained(&self) {
-        let mut q = self.queue.lock().unwrap();
-        while !q.flushing && (!q.items.is_empty() || q.busy) {
-            q = self.cond.wait(q).unwrap();
+        let mut s = self.state.lock().unwrap();
+        while !s.flushing && (!s.items.is_empty() || s.busy) {
+            s = self.cond.wait(s).unwrap();
         }
     }
 
@@ -302,17 +271,17 @@ impl DpirRestore {
         match event.view() {
             EventView::FlushStart(_) => {
                 {
-                    let mut q = self.queue.lock().unwrap();
-                    q.flushing = true;
+                    let mut s = self.state.lock().unwrap();
+                    s.flushing = true;
                     // Sticky events survive a flush (caps above all), except segment and EOS:
                     // keep those the worker has not handled yet.
-                    q.items.retain(|it| match it {
+                    s.items.retain(|it| match it {
                         Item::Event(e) => {
                             e.is_sticky() && !matches!(e.type_(), gst::EventType::Segment | gst::EventType::Eos)
                         }
                         Item::Buffer(_) => false,
                     });
-                    q.frames = 0;
+                    s.frames = 0;
                     self.cancel.set(true);
                     self.cond.notify_all();
                 }
@@ -323,17 +292,18 @@ impl DpirRestore {
             }
             EventView::FlushStop(_) => {
                 {
-                    let mut q = self.queue.lock().unwrap();
-                    q.flushing = false;
-                    q.flow = Ok(gst::FlowSuccess::Ok);
-                    self.cancel.set(false);
-                }
-                {
+                    // The task is paused: the worker lock is free.
                     let mut w = self.worker.lock().unwrap();
                     w.clips.reset();
                     w.frame_index = 0;
                 }
-                *self.qos.lock().unwrap() = Qos::default();
+                {
+                    let mut s = self.state.lock().unwrap();
+                    s.flushing = false;
+                    s.flow = Ok(gst::FlowSuccess::Ok);
+                    s.reset_stream();
+                    self.cancel.set(false);
+                }
                 let ret = self.srcpad.push_event(event);
                 if self.srcpad.is_active() {
                     self.start_task();
@@ -342,7 +312,7 @@ impl DpirRestore {
             }
             EventView::Caps(c) => {
                 let caps = c.caps_owned();
-                match self.output_caps(&caps) {
+                match caps::output(&caps, self.scale()) {
                     Ok((_, out)) => {
                         let out_caps = out.to_caps().unwrap();
                         if self.srcpad.peer().is_some() && !self.srcpad.peer_query_accept_caps(&out_caps) {
@@ -369,10 +339,17 @@ impl DpirRestore {
             | EventView::StreamStart(_)
             | EventView::Gap(_)
             | EventView::Tag(_) => self.enqueue_event(event),
-            EventView::CustomDownstreamOob(_) if parse_clip_event(&event).is_some() => self.enqueue_event(event),
+            EventView::CustomDownstreamOob(_) if messages::parse_clip_event(&event).is_some() => {
+                self.enqueue_event(event)
+            }
             _ if event.is_serialized() => self.enqueue_event(event),
             _ => gst::Pad::event_default(pad, Some(&*self.obj()), event),
         }
+    }
+
+    fn query_caps(&self, pad: &gst::Pad, filter: Option<&gst::CapsRef>) -> gst::Caps {
+        let (other, towards_src) = if pad == &self.srcpad { (&self.sinkpad, true) } else { (&self.srcpad, false) };
+        caps::query(pad, other, towards_src, self.scale(), filter)
     }
 
     fn sink_query(&self, pad: &gst::Pad, query: &mut gst::QueryRef) -> bool {
@@ -419,7 +396,7 @@ impl DpirRestore {
                 }
                 let (live, min, max) = upstream.result();
                 let ours = gst::ClockTime::from_nseconds(
-                    self.frame_time.lock().unwrap().map(|d| d.as_nanos() as u64).unwrap_or(0),
+                    self.state.lock().unwrap().frame_time.map(|d| d.as_nanos() as u64).unwrap_or(0),
                 );
                 let inflight = self.settings.lock().unwrap().max_inflight.max(1) as u64;
                 q.set(live, min + ours, max.map(|m| m + ours * (inflight + 1)));
@@ -431,10 +408,9 @@ impl DpirRestore {
     }
 
     fn src_event(&self, pad: &gst::Pad, event: gst::Event) -> bool {
-        if let Some(req) = parse_clip_event(&event) {
-            // From a downstream application: applies to the next frame the worker takes. Its own
-            // small lock: the worker may be in the middle of a frame.
-            *self.upstream_clip.lock().unwrap() = Some(req);
+        if let Some(req) = messages::parse_clip_event(&event) {
+            // From a downstream application: applies to the next frame the worker takes.
+            self.state.lock().unwrap().upstream_clip = Some(req);
             return true;
         }
         if let gst::EventView::Qos(q) = event.view() {
@@ -445,7 +421,7 @@ impl DpirRestore {
                 } else {
                     ts.saturating_sub(gst::ClockTime::from_nseconds(diff.unsigned_abs()))
                 };
-                self.qos.lock().unwrap().earliest = Some(earliest);
+                self.state.lock().unwrap().qos_earliest = Some(earliest);
             }
         }
         gst::Pad::event_default(pad, Some(&*self.obj()), event)
@@ -465,18 +441,18 @@ impl DpirRestore {
         }
         if active {
             {
-                let mut q = self.queue.lock().unwrap();
-                q.flushing = false;
-                q.flow = Ok(gst::FlowSuccess::Ok);
+                let mut s = self.state.lock().unwrap();
+                s.flushing = false;
+                s.flow = Ok(gst::FlowSuccess::Ok);
                 self.cancel.set(false);
             }
             self.start_task();
         } else {
             {
-                let mut q = self.queue.lock().unwrap();
-                q.flushing = true;
-                q.items.clear();
-                q.frames = 0;
+                let mut s = self.state.lock().unwrap();
+                s.flushing = true;
+                s.items.clear();
+                s.frames = 0;
                 self.cancel.set(true);
                 self.cond.notify_all();
             }
@@ -489,54 +465,57 @@ impl DpirRestore {
 
     fn task_iteration(&self) {
         let item = {
-            let mut q = self.queue.lock().unwrap();
-            while q.items.is_empty() && !q.flushing {
-                q = self.cond.wait(q).unwrap();
+            let mut s = self.state.lock().unwrap();
+            while s.items.is_empty() && !s.flushing {
+                s = self.cond.wait(s).unwrap();
             }
-            if q.flushing {
-                drop(q);
+            if s.flushing {
+                drop(s);
                 let _ = self.srcpad.pause_task();
                 return;
             }
-            let item = q.items.pop_front().unwrap();
+            let item = s.items.pop_front().unwrap();
             if matches!(item, Item::Buffer(_)) {
-                q.frames -= 1;
+                s.frames -= 1;
             }
-            q.busy = true;
+            s.busy = true;
             self.cond.notify_all();
             item
         };
 
-        let res = match item {
-            Item::Buffer(buffer) => self.process_buffer(buffer),
-            Item::Event(event) => self.process_event(event),
+        // The worker lock is held for the item's processing, not while pushing downstream.
+        let out = {
+            let mut w = self.worker.lock().unwrap();
+            match item {
+                Item::Buffer(buffer) => self.process_buffer(&mut w, buffer).map(|b| b.map(Item::Buffer)),
+                Item::Event(event) => self.process_event(&mut w, event).map(|e| Some(Item::Event(e))),
+            }
+        };
+        let res = match out {
+            Ok(Some(Item::Buffer(b))) => self.srcpad.push(b),
+            Ok(Some(Item::Event(e))) => self.push_event(e),
+            Ok(None) => Ok(gst::FlowSuccess::Ok),
+            Err(e) => Err(e),
         };
 
-        let mut q = self.queue.lock().unwrap();
-        q.busy = false;
+        let mut s = self.state.lock().unwrap();
+        s.busy = false;
         if let Err(err) = res {
-            if !q.flushing {
-                q.flow = Err(err);
+            if !s.flushing {
+                s.flow = Err(err);
             }
             self.cond.notify_all();
-            drop(q);
+            drop(s);
             gst::debug!(CAT, imp = self, "worker pausing: {err:?}");
-            if !matches!(err, gst::FlowError::Flushing) {
-                // Keep upstream informed even if it is not pushing (e.g. waiting on EOS).
-                if err == gst::FlowError::Eos {
-                    // Downstream is done: nothing else to do.
-                } else if matches!(
-                    err,
-                    // FlowError::Error comes with its own element error already posted.
-                    gst::FlowError::NotLinked | gst::FlowError::NotNegotiated | gst::FlowError::NotSupported
-                ) {
-                    gst::element_imp_error!(
-                        self,
-                        gst::StreamError::Failed,
-                        ("Internal data stream error."),
-                        ["streaming stopped, reason {err:?}"]
-                    );
-                }
+            // FlowError::Error comes with its own element error already posted; EOS and
+            // flushing need none.
+            if matches!(err, gst::FlowError::NotLinked | gst::FlowError::NotNegotiated | gst::FlowError::NotSupported) {
+                gst::element_imp_error!(
+                    self,
+                    gst::StreamError::Failed,
+                    ("Internal data stream error."),
+                    ["streaming stopped, reason {err:?}"]
+                );
             }
             let _ = self.srcpad.pause_task();
             return;
@@ -544,28 +523,33 @@ impl DpirRestore {
         self.cond.notify_all();
     }
 
-    fn process_event(&self, event: gst::Event) -> Result<gst::FlowSuccess, gst::FlowError> {
+    /// Apply a serialized event in stream order; returns the event to push on.
+    fn process_event(&self, w: &mut Worker, event: gst::Event) -> Result<gst::Event, gst::FlowError> {
         use gst::EventView;
         match event.view() {
             EventView::Caps(c) => {
-                let (in_info, out_info) = self.output_caps(&c.caps_owned()).map_err(|msg| {
+                let (scale, analyse_only) = {
+                    let s = self.settings.lock().unwrap();
+                    (s.effective_scale(), s.analyse_only)
+                };
+                let (in_info, out_info) = caps::output(&c.caps_owned(), scale).map_err(|msg| {
                     gst::element_imp_error!(self, gst::StreamError::Format, ("{msg}"));
                     gst::FlowError::NotNegotiated
                 })?;
                 let info = StreamInfo {
                     in_width: in_info.width() as usize,
                     in_height: in_info.height() as usize,
-                    scale: self.settings.lock().unwrap().effective_scale() as usize,
+                    scale: scale as usize,
                     fps: (in_info.fps().numer() > 0).then(|| (in_info.fps().numer(), in_info.fps().denom())),
                     depth: video::depth(in_info.format()),
                 };
-                let mut w = self.worker.lock().unwrap();
                 if let Some(engine) = w.engine.as_mut() {
                     if let Err(e) = engine.configure(&info) {
-                        self.post_engine_error(&e);
+                        post_engine_error(self, &e);
                         return Err(gst::FlowError::NotNegotiated);
                     }
-                } else if !self.settings.lock().unwrap().analyse_only {
+                    gst::debug!(CAT, imp = self, "{}", engine.describe());
+                } else if !analyse_only {
                     gst::element_imp_error!(self, gst::CoreError::StateChange, ("No engine loaded"));
                     return Err(gst::FlowError::Error);
                 }
@@ -580,21 +564,17 @@ impl DpirRestore {
                 );
                 w.in_info = Some(in_info);
                 w.out_info = Some(out_info.clone());
-                drop(w);
                 let out_caps = out_info.to_caps().map_err(|_| gst::FlowError::NotNegotiated)?;
-                if !self.srcpad.push_event(gst::event::Caps::new(&out_caps)) {
-                    return Err(gst::FlowError::NotNegotiated);
-                }
-                Ok(gst::FlowSuccess::Ok)
+                Ok(gst::event::Caps::new(&out_caps))
             }
-            EventView::Segment(s) => {
-                if let Ok(seg) = s.segment().clone().downcast::<gst::ClockTime>() {
-                    self.worker.lock().unwrap().segment = seg;
+            EventView::Segment(seg) => {
+                if let Ok(seg) = seg.segment().clone().downcast::<gst::ClockTime>() {
+                    w.segment = seg;
                 }
                 if let Some(d) = self.sinkpad.peer_query_duration::<gst::ClockTime>() {
-                    *self.duration.lock().unwrap() = Some(d);
+                    self.state.lock().unwrap().duration = Some(d);
                 }
-                self.push_event(event)
+                Ok(event)
             }
             EventView::Tag(t) => {
                 if self.settings.lock().unwrap().tags_as_prompt {
@@ -605,222 +585,189 @@ impl DpirRestore {
                         .or_else(|| tags.get::<gst::tags::Title>().map(|v| v.get().to_string()));
                     if let Some(text) = text {
                         gst::debug!(CAT, imp = self, "prompt from tags: {text:?}");
-                        self.worker.lock().unwrap().tag_prompt = Some(text);
+                        w.clips.prompts.set_tag(Some(text));
                     }
                 }
-                self.push_event(event)
+                Ok(event)
             }
             _ => {
-                if let Some(req) = parse_clip_event(&event) {
+                if let Some(req) = messages::parse_clip_event(&event) {
                     gst::debug!(CAT, imp = self, "clip event: {req:?}");
-                    self.worker.lock().unwrap().clips.request(req);
+                    w.clips.request(req);
                 }
-                self.push_event(event)
+                Ok(event)
             }
         }
     }
 
     fn push_event(&self, event: gst::Event) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let is_caps = event.type_() == gst::EventType::Caps;
         let is_eos = event.type_() == gst::EventType::Eos;
-        if !self.srcpad.push_event(event) && is_eos {
-            gst::warning!(CAT, imp = self, "EOS not handled downstream");
+        if !self.srcpad.push_event(event) {
+            if is_caps {
+                return Err(gst::FlowError::NotNegotiated);
+            }
+            if is_eos {
+                gst::warning!(CAT, imp = self, "EOS not handled downstream");
+            }
         }
         Ok(gst::FlowSuccess::Ok)
     }
 
-    fn post_engine_error(&self, e: &EngineError) {
-        match e {
-            EngineError::Model(m) => gst::element_imp_error!(self, gst::ResourceError::OpenRead, ("{m}")),
-            EngineError::Settings(m) => gst::element_imp_error!(self, gst::LibraryError::Settings, ("{m}")),
-            EngineError::Stream(m) => gst::element_imp_error!(self, gst::StreamError::Format, ("{m}")),
-            EngineError::Runtime(m) => gst::element_imp_error!(self, gst::StreamError::Failed, ("{m}")),
-            EngineError::Cancelled => {}
-        }
-    }
-
-    /// The engine's warnings (precision fallback, settings without effect) as warning messages.
-    fn post_engine_warnings(&self, engine: &mut dyn RestoreEngine) {
-        for msg in engine.take_warnings() {
+    /// Warnings about the settings or the stream, as GStreamer warning messages.
+    fn post_warnings(&self, warnings: &[String]) {
+        for msg in warnings {
             gst::element_imp_warning!(self, gst::LibraryError::Settings, ("{msg}"));
         }
     }
 
-    /// True if the frame is already late downstream and QoS is enabled.
-    fn qos_should_skip(&self, buffer: &gst::Buffer, segment: &gst::FormattedSegment<gst::ClockTime>) -> bool {
+    /// True (and counted) if the frame is already late downstream and QoS is enabled.
+    fn qos_skip(&self, buffer: &gst::Buffer, segment: &gst::FormattedSegment<gst::ClockTime>) -> Option<(u64, u64)> {
         if !self.settings.lock().unwrap().qos {
-            return false;
+            return None;
         }
-        let qos = self.qos.lock().unwrap();
-        match (qos.earliest, buffer.pts().and_then(|pts| segment.to_running_time(pts))) {
-            (Some(earliest), Some(rt)) => rt < earliest,
-            _ => false,
+        let mut s = self.state.lock().unwrap();
+        match (s.qos_earliest, buffer.pts().and_then(|pts| segment.to_running_time(pts))) {
+            (Some(earliest), Some(rt)) if rt < earliest => {
+                s.qos_dropped += 1;
+                Some((s.qos_processed, s.qos_dropped))
+            }
+            _ => None,
         }
     }
 
-    fn process_buffer(&self, inbuf: gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
+    /// Restore a frame; returns the buffer to push (none for a frame skipped under QoS).
+    fn process_buffer(&self, w: &mut Worker, inbuf: gst::Buffer) -> Result<Option<gst::Buffer>, gst::FlowError> {
         let t0 = Instant::now();
-        let mut w = self.worker.lock().unwrap();
         let (Some(in_info), Some(out_info)) = (w.in_info.clone(), w.out_info.clone()) else {
             gst::element_imp_error!(self, gst::CoreError::Negotiation, ("Buffer before caps"));
             return Err(gst::FlowError::NotNegotiated);
         };
-
-        if self.qos_should_skip(&inbuf, &w.segment) {
-            let mut qos = self.qos.lock().unwrap();
-            qos.dropped += 1;
-            let (processed, dropped) = (qos.processed, qos.dropped);
-            drop(qos);
-            let rt = inbuf.pts().and_then(|p| w.segment.to_running_time(p));
-            let msg = gst::message::Qos::builder(false)
-                .running_time(rt)
-                .stream_time(inbuf.pts().and_then(|p| w.segment.to_stream_time(p)))
-                .timestamp(inbuf.pts())
-                .duration(inbuf.duration())
-                .stats(gst::format::Buffers::from_u64(processed), gst::format::Buffers::from_u64(dropped))
-                .src(&*self.obj())
-                .build();
-            let _ = self.obj().post_message(msg);
+        if let Some((processed, dropped)) = self.qos_skip(&inbuf, &w.segment) {
+            messages::qos_skipped(self.obj().upcast_ref(), &inbuf, &w.segment, processed, dropped);
             gst::debug!(CAT, imp = self, "QoS: skipping late frame {:?}", inbuf.pts());
             w.frame_index += 1;
-            return Ok(gst::FlowSuccess::Ok);
+            return Ok(None);
         }
 
-        let (image, alpha) = {
-            let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(inbuf.as_ref(), &in_info).map_err(|_| {
+        let (frame, alpha) = {
+            let map = gst_video::VideoFrameRef::from_buffer_ref_readable(inbuf.as_ref(), &in_info).map_err(|_| {
                 gst::element_imp_error!(self, gst::StreamError::Format, ("Cannot map input frame"));
                 gst::FlowError::Error
             })?;
-            let stride = frame.plane_stride()[0] as usize;
-            video::read(
-                in_info.format(),
-                in_info.width() as usize,
-                in_info.height() as usize,
-                stride,
-                frame.plane_data(0).map_err(|_| gst::FlowError::Error)?,
-            )
+            let stride = map.plane_stride()[0] as usize;
+            let data = map.plane_data(0).map_err(|_| gst::FlowError::Error)?;
+            video::read(in_info.format(), in_info.width() as usize, in_info.height() as usize, stride, data)
         };
 
-        let (settings_prompt, analyse_only) = {
+        let (property_prompt, analyse_only) = {
             let s = self.settings.lock().unwrap();
             (s.engine.prompt.clone(), s.analyse_only)
         };
-        let prompt =
-            if settings_prompt.is_empty() { w.tag_prompt.clone().unwrap_or_default() } else { settings_prompt };
-        if let Some(req) = self.upstream_clip.lock().unwrap().take() {
+        if let Some(req) = self.state.lock().unwrap().upstream_clip.take() {
             w.clips.request(req);
         }
         let index = w.frame_index;
-        let (clip_index, new_clip) = w.clips.observe(&image, &prompt);
-        let prompt = w.clips.effective_prompt(&prompt);
-        let ctx = FrameContext { index, clip_index, new_clip, prompt, cancel: self.cancel.clone() };
-        if let Some(reason) = new_clip {
-            let s = gst::Structure::builder("dpir-clip")
-                .field("index", clip_index)
-                .field("start-pts", inbuf.pts())
-                .field("reason", reason.as_str())
-                .field("frame-index", index)
-                .field("difference", w.clips.last_distance)
-                .build();
-            let _ = self.obj().post_message(gst::message::Element::builder(s).src(&*self.obj()).build());
-        }
+        let pos = w.clips.observe(&frame, &property_prompt);
+        messages::clip(self.obj().upcast_ref(), &pos, index, inbuf.pts());
 
-        let (outbuf, engine_timings) = if analyse_only {
+        let outbuf = if analyse_only {
             // Segmentation only (a pre-pass): the frame goes on untouched.
-            (inbuf.clone(), None)
+            inbuf.clone()
         } else {
+            let ctx = FrameContext {
+                index,
+                clip_index: pos.clip_index,
+                position: pos.position,
+                new_clip: pos.reason,
+                prompt: pos.prompt,
+                cancel: self.cancel.clone(),
+            };
             let engine = w.engine.as_mut().ok_or(gst::FlowError::Error)?;
-            let restored = engine.restore(&image, &ctx);
-            self.post_engine_warnings(engine.as_mut());
-            let restored = match restored {
-                Ok(img) => img,
+            let restored = match engine.restore(frame, &ctx) {
+                Ok(r) => r,
                 Err(EngineError::Cancelled) => return Err(gst::FlowError::Flushing),
                 Err(e) => {
-                    self.post_engine_error(&e);
+                    post_engine_error(self, &e);
                     return Err(gst::FlowError::Error);
                 }
             };
-            if restored.width != out_info.width() as usize || restored.height != out_info.height() as usize {
-                gst::element_imp_error!(
-                    self,
-                    gst::StreamError::Failed,
-                    (
-                        "Engine returned {}x{}, expected {}x{}",
-                        restored.width,
-                        restored.height,
-                        out_info.width(),
-                        out_info.height()
-                    )
-                );
-                return Err(gst::FlowError::Error);
-            }
-            let mut outbuf = gst::Buffer::with_size(out_info.size()).map_err(|_| gst::FlowError::Error)?;
-            {
-                let outref = outbuf.get_mut().unwrap();
-                inbuf
-                    .copy_into(outref, gst::BufferCopyFlags::FLAGS | gst::BufferCopyFlags::TIMESTAMPS, ..)
-                    .map_err(|_| gst::FlowError::Error)?;
-                let mut frame = gst_video::VideoFrameRef::from_buffer_ref_writable(outref, &out_info)
-                    .map_err(|_| gst::FlowError::Error)?;
-                let stride = frame.plane_stride()[0] as usize;
-                video::write(
-                    out_info.format(),
-                    &restored,
-                    &alpha,
-                    in_info.width() as usize,
-                    stride,
-                    frame.plane_data_mut(0).map_err(|_| gst::FlowError::Error)?,
-                );
-            }
-            let latency = engine.latency();
-            let timings = engine.timings();
-            *self.frame_time.lock().unwrap() = Some(latency.unwrap_or(t0.elapsed()));
-            (outbuf, timings)
+            self.post_warnings(&restored.warnings);
+            gst::debug!(CAT, imp = self, "frame {index}: {}", restored.timings);
+            self.output_buffer(&inbuf, &restored.image, &alpha, &in_info, &out_info)?
         };
 
         // Bookkeeping and progress before pushing, so a blocking downstream doesn't skew fps.
-        let elapsed = t0.elapsed();
         w.frame_index += 1;
         w.frames_done += 1;
         let started = *w.started.get_or_insert(t0);
-        let done = w.frames_done;
-        let wall = started.elapsed().as_secs_f64().max(1e-9);
-        let fps = done as f64 / wall;
-        let mut progress = gst::Structure::builder("dpir-progress")
-            .field("frame-index", index)
-            .field("frames-done", done)
-            .field("fps", fps)
-            .field("pts", inbuf.pts())
-            .build();
-        let duration = *self.duration.lock().unwrap();
-        let rate = in_info.fps();
-        if let (Some(dur), Some(pts)) = (duration, inbuf.pts())
-            && rate.numer() > 0
-            && rate.denom() > 0
-        {
-            let remaining = dur.saturating_sub(pts).seconds_f64() * rate.numer() as f64 / rate.denom() as f64;
-            progress.set("eta", (remaining - 1.0).max(0.0) / fps);
-            progress.set("percent", (pts.seconds_f64() / dur.seconds_f64().max(1e-9) * 100.0).min(100.0));
-        }
-        drop(w);
-        let _ = self.obj().post_message(gst::message::Element::builder(progress).src(&*self.obj()).build());
-        self.qos.lock().unwrap().processed += 1;
+        let fps = w.frames_done as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let duration = {
+            let mut s = self.state.lock().unwrap();
+            s.qos_processed += 1;
+            if !analyse_only {
+                s.frame_time = Some(t0.elapsed());
+            }
+            s.duration
+        };
+        messages::progress(self.obj().upcast_ref(), index, w.frames_done, fps, inbuf.pts(), duration, in_info.fps());
+        Ok(Some(outbuf))
+    }
 
-        gst::debug!(CAT, imp = self, "frame {index} in {elapsed:?}: {}", engine_timings.unwrap_or_default());
-        self.srcpad.push(outbuf)
+    /// The restored image in a new buffer of the output format, with the input's timestamps and
+    /// flags.
+    fn output_buffer(
+        &self,
+        inbuf: &gst::Buffer,
+        image: &Image,
+        alpha: &video::Alpha,
+        in_info: &gst_video::VideoInfo,
+        out_info: &gst_video::VideoInfo,
+    ) -> Result<gst::Buffer, gst::FlowError> {
+        if image.width != out_info.width() as usize || image.height != out_info.height() as usize {
+            gst::element_imp_error!(
+                self,
+                gst::StreamError::Failed,
+                (
+                    "Engine returned {}x{}, expected {}x{}",
+                    image.width,
+                    image.height,
+                    out_info.width(),
+                    out_info.height()
+                )
+            );
+            return Err(gst::FlowError::Error);
+        }
+        let mut outbuf = gst::Buffer::with_size(out_info.size()).map_err(|_| gst::FlowError::Error)?;
+        {
+            let outref = outbuf.get_mut().unwrap();
+            inbuf
+                .copy_into(outref, gst::BufferCopyFlags::FLAGS | gst::BufferCopyFlags::TIMESTAMPS, ..)
+                .map_err(|_| gst::FlowError::Error)?;
+            let mut frame = gst_video::VideoFrameRef::from_buffer_ref_writable(outref, out_info)
+                .map_err(|_| gst::FlowError::Error)?;
+            let stride = frame.plane_stride()[0] as usize;
+            let data = frame.plane_data_mut(0).map_err(|_| gst::FlowError::Error)?;
+            video::write(out_info.format(), image, alpha, in_info.width() as usize, stride, data);
+        }
+        Ok(outbuf)
     }
 
     // ---- engine loading --------------------------------------------------------------------
 
-    fn load_engine(&self) -> Result<(), gst::StateChangeError> {
+    /// Build the engine (READY→PAUSED), unless the one built from the same settings is there.
+    fn load_engine(&self, w: &mut Worker) -> Result<(), gst::StateChangeError> {
         let settings = self.settings.lock().unwrap().clone();
         if settings.analyse_only {
             gst::info!(CAT, imp = self, "analyse-only: no model is loaded");
-            let mut w = self.worker.lock().unwrap();
             w.engine = None;
             w.built_with = None;
             return Ok(());
         }
-        let factory = self.factory.lock().unwrap().clone().unwrap_or_else(crate::restorer::factory);
+        if w.engine.is_some() && w.built_with.as_ref() == Some(&settings.engine) {
+            return Ok(());
+        }
+        let factory = settings.factory.clone().unwrap_or_else(crate::engine::dpir::factory);
         let obj = self.obj();
         let what = settings
             .engine
@@ -828,66 +775,43 @@ impl DpirRestore {
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "embedded dpir-nano".into());
-        let _ = obj.post_message(
-            gst::message::Progress::builder(gst::ProgressType::Start, "load-model", &format!("Loading model {what}"))
-                .src(&*obj)
-                .build(),
-        );
+        messages::load(obj.upcast_ref(), gst::ProgressType::Start, &format!("Loading model {what}"));
+        let t0 = Instant::now();
         match factory(&settings.engine) {
-            Ok(mut engine) => {
-                gst::info!(CAT, imp = self, "engine ready: {}", engine.describe());
-                let _ = obj.post_message(
-                    gst::message::Progress::builder(gst::ProgressType::Complete, "load-model", &engine.describe())
-                        .src(&*obj)
-                        .build(),
+            Ok(engine) => {
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "engine ready in {:.2} s: {}",
+                    t0.elapsed().as_secs_f64(),
+                    engine.describe()
                 );
-                self.post_engine_warnings(engine.as_mut());
-                let mut w = self.worker.lock().unwrap();
+                messages::load(obj.upcast_ref(), gst::ProgressType::Complete, &engine.describe());
+                self.post_warnings(&engine.load_warnings());
                 w.engine = Some(engine);
                 w.built_with = Some(settings.engine);
                 Ok(())
             }
             Err(e) => {
-                let _ = obj.post_message(
-                    gst::message::Progress::builder(gst::ProgressType::Error, "load-model", &e.to_string())
-                        .src(&*obj)
-                        .build(),
-                );
-                self.post_engine_error(&e);
+                messages::load(obj.upcast_ref(), gst::ProgressType::Error, &e.to_string());
+                post_engine_error(self, &e);
                 Err(gst::StateChangeError)
             }
         }
     }
 
-    fn reset_worker(&self) {
-        let s = self.settings.lock().unwrap();
-        let clip_settings = ClipTrackerSettings {
-            scene_threshold: s.scene_threshold,
-            clip_max_frames: s.clip_max_frames,
-            first_clip_index: s.first_clip_index,
-        };
-        drop(s);
-        let mut w = self.worker.lock().unwrap();
+    /// A new stream: the worker's bookkeeping and the shared state start afresh (the engine
+    /// stays).
+    fn reset_stream(&self, w: &mut Worker) {
+        let clips = self.settings.lock().unwrap().clip_settings();
         let (engine, built_with) = (w.engine.take(), w.built_with.take());
-        *w = Worker::new(clip_settings);
+        *w = Worker::new(clips);
         w.engine = engine;
         w.built_with = built_with;
-        *self.upstream_clip.lock().unwrap() = None;
-        *self.qos.lock().unwrap() = Qos::default();
-        *self.duration.lock().unwrap() = None;
+        let mut s = self.state.lock().unwrap();
+        s.reset_stream();
+        s.duration = None;
     }
-}
-
-/// The `dpir-clip` custom event an application (an editor) sends to start a new clip,
-/// optionally with its prompt: a downstream (serialized, or out-of-band: it is then still
-/// applied in stream order) custom event whose structure is named `dpir-clip` with an optional
-/// string field `prompt`. Upstream, the same structure as a custom upstream event works too.
-fn parse_clip_event(event: &gst::Event) -> Option<ClipRequest> {
-    let s = event.structure()?;
-    if s.name() != "dpir-clip" {
-        return None;
-    }
-    Some(ClipRequest { prompt: s.get::<String>("prompt").ok() })
 }
 
 #[glib::object_subclass]
@@ -932,16 +856,11 @@ impl ObjectSubclass for DpirRestore {
         Self {
             sinkpad,
             srcpad,
-            settings: Mutex::new(Settings::default()),
-            queue: Mutex::new(Queue::default()),
-            cond: Condvar::new(),
             worker: Mutex::new(Worker::new(ClipTrackerSettings::default())),
-            upstream_clip: Mutex::new(None),
-            factory: Mutex::new(None),
+            state: Mutex::new(State::default()),
+            cond: Condvar::new(),
+            settings: Mutex::new(Settings::default()),
             cancel: CancelFlag::default(),
-            qos: Mutex::new(Qos::default()),
-            frame_time: Mutex::new(None),
-            duration: Mutex::new(None),
         }
     }
 }
@@ -965,7 +884,11 @@ impl ObjectImpl for DpirRestore {
                     .build(),
                 glib::ParamSpecEnum::builder_with_default("precision", Precision::from(e.precision))
                     .nick("Precision")
-                    .blurb("Numeric precision of the model (bf16 needs a GPU; an f16 overflow falls back to a wider type with a warning)")
+                    .blurb(
+                        "Precision the weights are held in: f32, or f16/bf16 for half the memory. On the CPU every \
+                         precision computes in f32; on a GPU in this precision (an f16 overflow falls back to bf16 \
+                         with a warning)",
+                    )
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecUInt::builder("steps")
@@ -998,7 +921,8 @@ impl ObjectImpl for DpirRestore {
                 glib::ParamSpecUInt::builder("tile-size")
                     .nick("Tile size")
                     .blurb("Latent tile size for large frames (8 px per latent; DPIR: 128 = 1024 px); 0: the model's own. \
-                            A size the model's position table cannot take is refused when the element starts")
+                            Smaller tiles need less memory (the autoencoder's tiles shrink too). A size the model's \
+                            position table cannot take is refused when the element starts")
                     .maximum(1024)
                     .default_value(e.tile_size)
                     .mutable_ready()
@@ -1033,7 +957,10 @@ impl ObjectImpl for DpirRestore {
                     .build(),
                 glib::ParamSpecBoolean::builder("low-memory")
                     .nick("Low memory")
-                    .blurb("Free the T5 text encoder after each new prompt is embedded (reloaded on the next prompt change)")
+                    .blurb(
+                        "Keep the T5 text encoder only while it embeds a new prompt (reloaded on the next prompt \
+                         change). Chosen automatically, with a warning, when T5 does not fit beside the rest",
+                    )
                     .default_value(e.low_memory)
                     .mutable_ready()
                     .build(),
@@ -1240,20 +1167,15 @@ impl ElementImpl for DpirRestore {
                 gst::element_imp_error!(self, gst::LibraryError::Settings, ("{msg}"));
                 return Err(gst::StateChangeError);
             }
-            self.reset_worker();
-            // Properties may have changed in READY: an engine built from other settings is rebuilt.
-            let wanted = self.settings.lock().unwrap().engine.clone();
-            let stale = {
-                let w = self.worker.lock().unwrap();
-                w.engine.is_none() || w.built_with.as_ref() != Some(&wanted)
-            };
-            if stale {
-                self.load_engine()?;
-            }
+            // The task is not running: the worker lock is free. Properties may have changed in
+            // READY: an engine built from other settings is rebuilt.
+            let mut w = self.worker.lock().unwrap();
+            self.reset_stream(&mut w);
+            self.load_engine(&mut w)?;
         }
         let ret = self.parent_change_state(transition)?;
         if transition == gst::StateChange::PausedToReady {
-            self.reset_worker();
+            self.reset_stream(&mut self.worker.lock().unwrap());
         }
         if transition == gst::StateChange::ReadyToNull {
             // Free the model when the element is shut down.

@@ -28,7 +28,9 @@ use gst::subclass::prelude::*;
 
 use crate::engine::{self, EngineError, EngineSettings, RestoreEngine};
 
+mod caps;
 mod imp;
+mod messages;
 mod video;
 
 glib::wrapper! {
@@ -122,11 +124,21 @@ pub enum Precision {
     F32,
     #[enum_value(name = "float16", nick = "f16")]
     F16,
-    #[enum_value(name = "bfloat16 (GPU only)", nick = "bf16")]
+    #[enum_value(name = "bfloat16", nick = "bf16")]
     Bf16,
 }
 convert!(Precision <=> engine::Precision { F32 <=> F32, F16 <=> F16, Bf16 <=> Bf16 });
 
 pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
+    // The enums are part of the element's interface (properties): documented with the plugin.
+    for t in [
+        ColorFix::static_type(),
+        LqLatent::static_type(),
+        Tiling::static_type(),
+        Noise::static_type(),
+        Precision::static_type(),
+    ] {
+        t.mark_as_plugin_api(gst::PluginAPIFlags::empty());
+    }
     gst::Element::register(Some(plugin), "dpirrestore", gst::Rank::NONE, DpirRestore::static_type())
 }

@@ -1,8 +1,9 @@
-//! Conversions between GStreamer video frames and the engine's [`Image`].
+//! Conversions between GStreamer video frames and the engine's [`Frame`] (in) and [`Image`]
+//! (out), one pass each, padded rows (the plane stride) honoured.
 
 use gst_video::VideoFormat;
 
-use crate::engine::Image;
+use crate::engine::{Frame, Image, Pixels};
 
 /// The raw formats the element accepts, in caps order (deep formats first is not wanted:
 /// `videoconvert` picks the first format that keeps the input's depth).
@@ -56,37 +57,59 @@ pub fn depth(format: VideoFormat) -> u32 {
 /// Alpha plane kept aside while the colour goes through the model; `None` for opaque formats.
 pub type Alpha = Option<Vec<f32>>;
 
-/// Read a mapped frame (`data` with `stride` bytes per row) into an [`Image`], plus alpha.
-pub fn read(format: VideoFormat, width: usize, height: usize, stride: usize, data: &[u8]) -> (Image, Alpha) {
+/// Read a mapped frame (`data` with `stride` bytes per row) into a [`Frame`] (8-bit formats as
+/// bytes, deeper ones as floats), plus alpha.
+pub fn read(format: VideoFormat, width: usize, height: usize, stride: usize, data: &[u8]) -> (Frame, Alpha) {
     let lay = layout(format).expect("format checked at caps time");
-    let mut img = Image::new(width, height);
     let has_alpha = matches!(lay, Layout::Bytes { alpha: Some(_), .. } | Layout::Rgba64 | Layout::Packed10 { .. });
     let mut alpha = has_alpha.then(|| vec![0f32; width * height]);
-    for y in 0..height {
-        let row = &data[y * stride..];
-        for x in 0..width {
-            let (rgb, a) = match lay {
-                Layout::Bytes { bytes, rgb, alpha } => {
-                    let p = &row[x * bytes..(x + 1) * bytes];
-                    (rgb.map(|c| p[c] as f32 / 255.0), alpha.map(|c| p[c] as f32 / 255.0))
+    let pixels = match lay {
+        Layout::Bytes { bytes, rgb, alpha: a_off } => {
+            let mut v = vec![0u8; width * height * 3];
+            for y in 0..height {
+                let row = &data[y * stride..y * stride + width * bytes];
+                for (x, p) in row.chunks_exact(bytes).enumerate() {
+                    let i = y * width + x;
+                    v[3 * i..3 * i + 3].copy_from_slice(&rgb.map(|c| p[c]));
+                    if let (Some(al), Some(c)) = (alpha.as_mut(), a_off) {
+                        al[i] = p[c] as f32 / 255.0;
+                    }
                 }
-                Layout::Rgba64 => {
-                    let s =
-                        |c: usize| u16::from_le_bytes([row[x * 8 + 2 * c], row[x * 8 + 2 * c + 1]]) as f32 / 65535.0;
-                    ([s(0), s(1), s(2)], Some(s(3)))
-                }
-                Layout::Packed10 { rgb } => {
-                    let v = u32::from_le_bytes(row[x * 4..x * 4 + 4].try_into().unwrap());
-                    (rgb.map(|o| ((v >> o) & 0x3ff) as f32 / 1023.0), Some((v >> 30) as f32 / 3.0))
-                }
-            };
-            img.data[(y * width + x) * 3..(y * width + x) * 3 + 3].copy_from_slice(&rgb);
-            if let (Some(al), Some(a)) = (alpha.as_mut(), a) {
-                al[y * width + x] = a;
             }
+            Pixels::Rgb8(v)
         }
-    }
-    (img, alpha)
+        Layout::Rgba64 => {
+            let mut v = vec![0f32; width * height * 3];
+            for y in 0..height {
+                let row = &data[y * stride..y * stride + width * 8];
+                for (x, p) in row.chunks_exact(8).enumerate() {
+                    let i = y * width + x;
+                    let s = |c: usize| u16::from_le_bytes([p[2 * c], p[2 * c + 1]]) as f32 / 65535.0;
+                    v[3 * i..3 * i + 3].copy_from_slice(&[s(0), s(1), s(2)]);
+                    if let Some(al) = alpha.as_mut() {
+                        al[i] = s(3);
+                    }
+                }
+            }
+            Pixels::RgbF32(v)
+        }
+        Layout::Packed10 { rgb } => {
+            let mut v = vec![0f32; width * height * 3];
+            for y in 0..height {
+                let row = &data[y * stride..y * stride + width * 4];
+                for (x, p) in row.chunks_exact(4).enumerate() {
+                    let i = y * width + x;
+                    let w = u32::from_le_bytes(p.try_into().unwrap());
+                    v[3 * i..3 * i + 3].copy_from_slice(&rgb.map(|o| ((w >> o) & 0x3ff) as f32 / 1023.0));
+                    if let Some(al) = alpha.as_mut() {
+                        al[i] = (w >> 30) as f32 / 3.0;
+                    }
+                }
+            }
+            Pixels::RgbF32(v)
+        }
+    };
+    (Frame { width, height, pixels }, alpha)
 }
 
 /// Write an [`Image`] into a mapped output frame; alpha (input size) is upscaled by
@@ -95,11 +118,14 @@ pub fn write(format: VideoFormat, img: &Image, alpha: &Alpha, alpha_width: usize
     let lay = layout(format).expect("format checked at caps time");
     let scale = (img.width / alpha_width.max(1)).max(1);
     let q = |v: f32, max: f32| (v.clamp(0.0, 1.0) * max).round();
+    let n = img.width * img.height;
+    let (r, rest) = img.planes.split_at(n);
+    let (g, b) = rest.split_at(n);
     for y in 0..img.height {
         let row = &mut data[y * stride..];
         for x in 0..img.width {
-            let i = (y * img.width + x) * 3;
-            let rgb = [img.data[i], img.data[i + 1], img.data[i + 2]];
+            let i = y * img.width + x;
+            let rgb = [r[i], g[i], b[i]];
             let a = alpha.as_ref().map_or(1.0, |a| a[(y / scale) * alpha_width + x / scale]);
             match lay {
                 Layout::Bytes { bytes, rgb: off, alpha: a_off } => {
@@ -135,6 +161,11 @@ pub fn write(format: VideoFormat, img: &Image, alpha: &Alpha, alpha_width: usize
 mod tests {
     use super::*;
     use gst::prelude::*;
+
+    /// A frame as the planar image an engine returns.
+    fn to_image(frame: &Frame) -> Image {
+        Image::upscale_nearest(frame, 1)
+    }
 
     fn bytes_per_pixel(format: VideoFormat) -> usize {
         match format {
@@ -196,13 +227,13 @@ mod tests {
         let (w, h) = (7usize, 3usize);
         for &format in FORMATS {
             let (data, stride, src) = reference_frame(format, w, h);
-            let (img, alpha) = read(format, w, h, stride, &data);
+            let (frame, alpha) = read(format, w, h, stride, &data);
             let bits = depth(format);
             let tol = 1.0 / ((1u32 << bits.min(8)) - 1) as f32 + 1e-6;
             for (i, p) in src.iter().enumerate() {
                 let want = p.map(|v| v as f32 / 65535.0);
                 for k in 0..3 {
-                    let got = img.data[i * 3 + k];
+                    let got = frame.pixel(i % w, i / w)[k];
                     assert!((got - want[k]).abs() <= tol, "{format:?} pixel {i} channel {k}: {got} vs {}", want[k]);
                 }
                 if let Some(a) = &alpha {
@@ -213,7 +244,7 @@ mod tests {
                 }
             }
             let mut out = vec![0u8; data.len()];
-            write(format, &img, &alpha, w, stride, &mut out);
+            write(format, &to_image(&frame), &alpha, w, stride, &mut out);
             // The padding byte of RGBx/BGRx carries nothing: compared everywhere else.
             let bpp = bytes_per_pixel(format);
             let pad = matches!(format, VideoFormat::Rgbx | VideoFormat::Bgrx);
@@ -237,11 +268,11 @@ mod tests {
                 data.extend_from_slice(&c.to_le_bytes());
             }
         }
-        let (img, alpha) = read(VideoFormat::Rgba64Le, w, h, w * 8, &data);
-        let reds: Vec<f32> = img.data.chunks(3).map(|p| p[0]).collect();
+        let (frame, alpha) = read(VideoFormat::Rgba64Le, w, h, w * 8, &data);
+        let reds: Vec<f32> = (0..w).map(|x| frame.pixel(x, 0)[0]).collect();
         assert!(reds.windows(2).all(|p| p[1] > p[0]), "{reds:?}");
         let mut out = vec![0u8; data.len()];
-        write(VideoFormat::Rgba64Le, &img, &alpha, w, w * 8, &mut out);
+        write(VideoFormat::Rgba64Le, &to_image(&frame), &alpha, w, w * 8, &mut out);
         assert_eq!(out, data);
     }
 
@@ -253,7 +284,8 @@ mod tests {
             for scale in [2usize, 4] {
                 let (w, h) = (3usize, 2usize);
                 let alpha: Alpha = Some(vec![0.0, 1.0, 0.0, 1.0, 0.0, 1.0]);
-                let img = crate::engine::upscale_nearest(&Image::new(w, h), scale);
+                let black = Frame { width: w, height: h, pixels: Pixels::Rgb8(vec![0; w * h * 3]) };
+                let img = Image::upscale_nearest(&black, scale);
                 let bpp = bytes_per_pixel(format);
                 let stride = img.width * bpp;
                 let mut out = vec![0u8; stride * img.height];

@@ -3,6 +3,8 @@
 
 use candle_core::{Result, Tensor};
 
+use super::tiling::TileConfig;
+
 /// Which LQ latent the sampler is conditioned on (the `lq-latent` setting).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LqLatent {
@@ -26,10 +28,10 @@ pub enum LatentDraw {
 /// An image ⇄ latent codec. Images are NCHW in [-1, 1]; latents are in the space the
 /// transformer sees (for `AutoencoderKL`: `(raw - shift) * scale`).
 pub trait Autoencoder: Send + Sync {
-    /// Encode an image to a model-space latent.
-    fn encode_latent(&self, image: &Tensor, draw: &LatentDraw) -> Result<Tensor>;
-    /// Decode a model-space latent to an image in (roughly) [-1, 1].
-    fn decode_latent(&self, latent: &Tensor) -> Result<Tensor>;
+    /// Encode an image to a model-space latent, in tiles (`tiles`) when it is larger than one.
+    fn encode_latent(&self, image: &Tensor, draw: &LatentDraw, tiles: Option<TileConfig>) -> Result<Tensor>;
+    /// Decode a model-space latent to an image in (roughly) [-1, 1], in tiles when larger than one.
+    fn decode_latent(&self, latent: &Tensor, tiles: Option<TileConfig>) -> Result<Tensor>;
     /// Spatial downscale factor between image and latent (8 for SD3's VAEs).
     fn downscale(&self) -> usize;
     /// Latent channels (16 for SD3's VAEs).

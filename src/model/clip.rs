@@ -6,10 +6,11 @@
 //! and both outputs: `last_hidden_state` (encoder output *before* `post_layernorm`) and
 //! `image_embeds = visual_projection(post_layernorm(CLS))` (no bias).
 
-use anyhow::{Context, Result, bail, ensure};
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, LayerNormConfig, Linear, VarBuilder};
+use candle_core::{DType, Device, Module, Result, Tensor, bail};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
+
+use super::layers::{self, Conv, LayerNorm, Lin};
 
 /// The activation named by `hidden_act`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +33,7 @@ impl ClipActivation {
         })
     }
 
-    fn apply(self, xs: &Tensor) -> candle_core::Result<Tensor> {
+    fn apply(self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
             Self::GeluErf => xs.gelu_erf(),
@@ -80,9 +81,9 @@ impl ClipVisionConfig {
             {
                 o.insert("projection_dim".into(), p.clone());
             }
-            return serde_json::from_value(vc).context("CLIP vision_config");
+            return serde_json::from_value(vc).map_err(|e| candle_core::Error::Msg(format!("CLIP vision_config: {e}")));
         }
-        serde_json::from_value(v.clone()).context("CLIP vision config")
+        serde_json::from_value(v.clone()).map_err(|e| candle_core::Error::Msg(format!("CLIP vision config: {e}")))
     }
 
     pub fn num_patches(&self) -> usize {
@@ -102,10 +103,10 @@ pub struct ClipVisionOutput {
 }
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    out: Lin,
     heads: usize,
     scale: f64,
 }
@@ -113,30 +114,23 @@ struct Attention {
 impl Attention {
     fn new(cfg: &ClipVisionConfig, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
-        ensure!(h.is_multiple_of(cfg.num_attention_heads), "hidden_size {h} not divisible by heads");
+        if !h.is_multiple_of(cfg.num_attention_heads) {
+            bail!("hidden_size {h} not divisible by {} heads", cfg.num_attention_heads);
+        }
         let head_dim = h / cfg.num_attention_heads;
         Ok(Self {
-            q: candle_nn::linear(h, h, vb.pp("q_proj"))?,
-            k: candle_nn::linear(h, h, vb.pp("k_proj"))?,
-            v: candle_nn::linear(h, h, vb.pp("v_proj"))?,
-            out: candle_nn::linear(h, h, vb.pp("out_proj"))?,
+            q: layers::linear(h, h, vb.pp("q_proj"))?,
+            k: layers::linear(h, h, vb.pp("k_proj"))?,
+            v: layers::linear(h, h, vb.pp("v_proj"))?,
+            out: layers::linear(h, h, vb.pp("out_proj"))?,
             heads: cfg.num_attention_heads,
             scale: (head_dim as f64).powf(-0.5),
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, n, c) = xs.dims3()?;
-        let hd = c / self.heads;
-        let split = |t: Tensor| t.reshape((b, n, self.heads, hd))?.transpose(1, 2)?.contiguous();
-        let q = split((self.q.forward(xs)? * self.scale)?)?;
-        let k = split(self.k.forward(xs)?)?;
-        let v = split(self.v.forward(xs)?)?;
-        let att = q.matmul(&k.t()?)?;
-        // Softmax in f32 whatever the weight dtype.
-        let att = candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
-        self.out.forward(&o)
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (q, k, v) = (self.q.forward(xs)?, self.k.forward(xs)?, self.v.forward(xs)?);
+        self.out.forward(&layers::attention(&q, &k, &v, self.heads, self.scale)?)
     }
 }
 
@@ -144,26 +138,25 @@ struct EncoderLayer {
     ln1: LayerNorm,
     attn: Attention,
     ln2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Lin,
+    fc2: Lin,
     act: ClipActivation,
 }
 
 impl EncoderLayer {
     fn new(cfg: &ClipVisionConfig, act: ClipActivation, vb: VarBuilder) -> Result<Self> {
-        let ln = LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
-        let h = cfg.hidden_size;
+        let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
         Ok(Self {
-            ln1: candle_nn::layer_norm(h, ln, vb.pp("layer_norm1"))?,
+            ln1: layers::layer_norm(h, eps, vb.pp("layer_norm1"))?,
             attn: Attention::new(cfg, vb.pp("self_attn"))?,
-            ln2: candle_nn::layer_norm(h, ln, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(h, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(cfg.intermediate_size, h, vb.pp("mlp.fc2"))?,
+            ln2: layers::layer_norm(h, eps, vb.pp("layer_norm2"))?,
+            fc1: layers::linear(h, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: layers::linear(cfg.intermediate_size, h, vb.pp("mlp.fc2"))?,
             act,
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = (xs + self.attn.forward(&self.ln1.forward(xs)?)?)?;
         let h = self.act.apply(&self.fc1.forward(&self.ln2.forward(&xs)?)?)?;
         xs + self.fc2.forward(&h)?
@@ -174,12 +167,12 @@ impl EncoderLayer {
 pub struct ClipVisionModel {
     cfg: ClipVisionConfig,
     class_embedding: Tensor,
-    patch_embedding: Conv2d,
+    patch_embedding: Conv,
     position_embedding: Tensor,
     pre_layrnorm: LayerNorm,
     layers: Vec<EncoderLayer>,
     post_layernorm: LayerNorm,
-    visual_projection: Linear,
+    visual_projection: Lin,
     device: Device,
     dtype: DType,
 }
@@ -188,28 +181,28 @@ impl ClipVisionModel {
     /// `vb` at the checkpoint root (keys `vision_model.*`, `visual_projection.weight`).
     pub fn new(cfg: &ClipVisionConfig, vb: VarBuilder) -> Result<Self> {
         let act = ClipActivation::from_name(&cfg.hidden_act)?;
-        ensure!(cfg.image_size.is_multiple_of(cfg.patch_size), "image_size not a multiple of patch_size");
-        let h = cfg.hidden_size;
+        if !cfg.image_size.is_multiple_of(cfg.patch_size) {
+            bail!("image_size {} not a multiple of patch_size {}", cfg.image_size, cfg.patch_size);
+        }
+        let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
         let vm = vb.pp("vision_model");
         let emb = vm.pp("embeddings");
-        let conv = Conv2dConfig { stride: cfg.patch_size, ..Default::default() };
-        let patch_embedding =
-            candle_nn::conv2d_no_bias(cfg.num_channels, h, cfg.patch_size, conv, emb.pp("patch_embedding"))?;
+        let p = cfg.patch_size;
+        let patch_embedding = layers::conv_no_bias(cfg.num_channels, h, p, p, 0, emb.pp("patch_embedding"))?;
         let position_embedding = emb.get((cfg.num_patches() + 1, h), "position_embedding.weight")?;
-        let ln = LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
-        let layers = (0..cfg.num_hidden_layers)
+        let encoder_layers = (0..cfg.num_hidden_layers)
             .map(|i| EncoderLayer::new(cfg, act, vm.pp(format!("encoder.layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             class_embedding: emb.get(h, "class_embedding")?,
             patch_embedding,
             position_embedding,
-            pre_layrnorm: candle_nn::layer_norm(h, ln, vm.pp("pre_layrnorm"))?,
-            layers,
-            post_layernorm: candle_nn::layer_norm(h, ln, vm.pp("post_layernorm"))?,
-            visual_projection: candle_nn::linear_no_bias(h, cfg.projection_dim, vb.pp("visual_projection"))?,
+            pre_layrnorm: layers::layer_norm(h, eps, vm.pp("pre_layrnorm"))?,
+            layers: encoder_layers,
+            post_layernorm: layers::layer_norm(h, eps, vm.pp("post_layernorm"))?,
+            visual_projection: layers::linear_no_bias(h, cfg.projection_dim, vb.pp("visual_projection"))?,
             device: vb.device().clone(),
-            dtype: vb.dtype(),
+            dtype: layers::compute_dtype(vb.dtype(), vb.device()),
             cfg: cfg.clone(),
         })
     }
@@ -228,17 +221,15 @@ impl ClipVisionModel {
     pub fn forward(&self, pixel_values: &Tensor) -> Result<ClipVisionOutput> {
         let (b, c, hh, ww) = pixel_values.dims4()?;
         let s = self.cfg.image_size;
-        ensure!(
-            c == self.cfg.num_channels && hh == s && ww == s,
-            "CLIP tower expects [B, {}, {s}, {s}], got {:?}",
-            self.cfg.num_channels,
-            pixel_values.dims()
-        );
+        if c != self.cfg.num_channels || hh != s || ww != s {
+            bail!("CLIP tower expects [B, {}, {s}, {s}], got {:?}", self.cfg.num_channels, pixel_values.dims());
+        }
         let px = pixel_values.to_device(&self.device)?.to_dtype(self.dtype)?;
         let h = self.cfg.hidden_size;
         let patches = self.patch_embedding.forward(&px)?.flatten_from(2)?.transpose(1, 2)?; // [B, P, h]
-        let cls = self.class_embedding.reshape((1, 1, h))?.expand((b, 1, h))?;
-        let xs = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
+        let cls = self.class_embedding.to_dtype(self.dtype)?.reshape((1, 1, h))?.expand((b, 1, h))?;
+        let pos = self.position_embedding.to_dtype(self.dtype)?.unsqueeze(0)?;
+        let xs = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&pos)?;
         let mut xs = self.pre_layrnorm.forward(&xs)?;
         for layer in &self.layers {
             xs = layer.forward(&xs)?;
@@ -251,7 +242,7 @@ impl ClipVisionModel {
 
 /// The CLS token of `last_hidden_state` (raw, before `post_layernorm`), `[B, hidden]`.
 pub fn raw_cls(out: &ClipVisionOutput) -> Result<Tensor> {
-    Ok(out.last_hidden_state.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?)
+    out.last_hidden_state.narrow(1, 0, 1)?.squeeze(1)?.contiguous()
 }
 
 const _: () = {

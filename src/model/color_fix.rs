@@ -41,7 +41,7 @@ impl std::fmt::Display for ColorFix {
 
 impl ColorFix {
     /// `target`: the restored image, `source`: the (upsampled) LQ image, both NCHW in [0, 1].
-    /// Returns the unclamped float result (clamp/convert with [`to_uint8_hwc`]).
+    /// Returns the unclamped float result.
     pub fn apply(self, target: &Tensor, source: &Tensor) -> Result<Tensor> {
         apply(self, target, source)
     }
@@ -153,13 +153,16 @@ pub fn adaptive_instance_normalization(content: &Tensor, style: &Tensor) -> Resu
     content.broadcast_sub(&cm)?.broadcast_div(&cs)?.broadcast_mul(&ss)?.broadcast_add(&sm)
 }
 
-/// torchvision `ToTensor` on an RGB image: uint8 `[H, W, C]` → f32 `[1, C, H, W]` / 255.
+/// torchvision `ToTensor` on an RGB image: uint8 `[H, W, C]` → f32 `[1, C, H, W]` / 255
+/// (the official script's quantisation steps, for the parity tests).
+#[cfg(feature = "parity")]
 pub fn from_uint8_hwc(img: &Tensor) -> Result<Tensor> {
     (img.to_dtype(DType::F32)?.permute((2, 0, 1))?.unsqueeze(0)? / 255.0)?.contiguous()
 }
 
 /// torchvision `ToPILImage` on a float image (`[1, C, H, W]` or `[C, H, W]`):
 /// `clamp(0, 1)`, `mul(255)` in f32, then **truncate** to uint8 → `[H, W, C]`.
+#[cfg(feature = "parity")]
 pub fn to_uint8_hwc(img: &Tensor) -> Result<Tensor> {
     let img = if img.rank() == 4 { img.squeeze(0)? } else { img.clone() };
     let x = (img.to_dtype(DType::F32)?.clamp(0f32, 1f32)? * 255.0)?.floor()?;
@@ -168,6 +171,7 @@ pub fn to_uint8_hwc(img: &Tensor) -> Result<Tensor> {
 
 /// StableSR `wavelet_color_fix(target, source)` / `adain_color_fix` on uint8 HWC images,
 /// returning uint8 HWC as the PIL result.
+#[cfg(feature = "parity")]
 pub fn color_fix_uint8(fix: ColorFix, target: &Tensor, source: &Tensor) -> Result<Tensor> {
     to_uint8_hwc(&apply(fix, &from_uint8_hwc(target)?, &from_uint8_hwc(source)?)?)
 }
@@ -185,6 +189,7 @@ mod tests {
         assert!("x".parse::<ColorFix>().is_err());
     }
 
+    #[cfg(feature = "parity")]
     #[test]
     fn truncation() -> Result<()> {
         let t = Tensor::new(&[0.999f32, 1.5, -0.2], &Device::Cpu)?.reshape((3, 1, 1))?;

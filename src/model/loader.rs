@@ -28,12 +28,14 @@
 //! adds the full-resolution stage after the colour fix (`src/model/fusion.rs`).
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
-use safetensors::SafeTensors;
+use safetensors::tensor::{Metadata, TensorInfo};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -44,8 +46,15 @@ pub const FORMAT: &str = "gst-dpir/1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The model directory, a manifest, a config or a weight file is missing or wrong.
     #[error("{0}")]
     Invalid(String),
+    /// A setting cannot be honoured (device, precision).
+    #[error("{0}")]
+    Settings(String),
+    /// The model does not fit in the memory this process may use.
+    #[error("{0}")]
+    Memory(String),
 }
 
 type Result<T> = std::result::Result<T, LoadError>;
@@ -209,10 +218,129 @@ impl ModelSource {
     }
 }
 
+impl ModelSource {
+    /// The bytes `[offset, offset + len)` of a file (embedded: a slice; a directory: one read).
+    fn read_at(&self, rel: &str, offset: u64, len: usize) -> Result<Cow<'static, [u8]>> {
+        match self {
+            ModelSource::Embedded(_) => {
+                let Cow::Borrowed(all) = self.read(rel)? else { unreachable!("embedded files are borrowed") };
+                let (a, b) = (offset as usize, offset as usize + len);
+                all.get(a..b).map(Cow::Borrowed).ok_or_else(|| {
+                    LoadError::Invalid(format!("{}: {len} bytes at {offset} are past its end", self.path(rel)))
+                })
+            }
+            ModelSource::Dir(d) => {
+                let mut buf = vec![0u8; len];
+                let f = std::fs::File::open(d.join(rel))
+                    .map_err(|e| LoadError::Invalid(format!("cannot read {}: {e}", self.path(rel))))?;
+                f.read_exact_at(&mut buf, offset)
+                    .map_err(|e| LoadError::Invalid(format!("cannot read {}: {e}", self.path(rel))))?;
+                Ok(Cow::Owned(buf))
+            }
+        }
+    }
+
+    /// A file's length in bytes.
+    fn len(&self, rel: &str) -> Result<u64> {
+        match self {
+            ModelSource::Embedded(_) => Ok(self.read(rel)?.len() as u64),
+            ModelSource::Dir(d) => std::fs::metadata(d.join(rel)).map(|m| m.len()).map_err(|e| {
+                LoadError::Invalid(format!(
+                    "cannot read {}: {e} (the manifest {} names it)",
+                    d.join(rel).display(),
+                    d.join("model.json").display()
+                ))
+            }),
+        }
+    }
+}
+
+/// A weight file's header: refuses pickles, truncated files and non-float tensors from the
+/// header alone (real checkpoints are many GB: their data is read once, when the model is built).
+fn read_header(source: &ModelSource, rel: &str) -> Result<WeightHeader> {
+    let path = source.path(rel);
+    let file_len = source.len(rel)?;
+    let head = source.read_at(rel, 0, file_len.min(8) as usize)?;
+    if is_pickle(rel, &head) {
+        return Err(pickle_error(&path));
+    }
+    let truncated = |why: String| {
+        LoadError::Invalid(format!(
+            "{path} is truncated or not a safetensors file ({why}); re-download or re-export it"
+        ))
+    };
+    if head.len() < 8 {
+        return Err(truncated(format!("{file_len} bytes")));
+    }
+    let n = u64::from_le_bytes(head[..8].try_into().unwrap());
+    if n > 100_000_000 || 8 + n > file_len {
+        return Err(truncated(format!("a header of {n} bytes in a file of {file_len}")));
+    }
+    let raw = source.read_at(rel, 8, n as usize)?;
+    let meta: Metadata = std::str::from_utf8(&raw)
+        .ok()
+        .and_then(|h| serde_json::from_str(h).ok())
+        .ok_or_else(|| truncated("its header is not valid safetensors JSON".into()))?;
+    let mut tensors = HashMap::new();
+    let mut end = 0;
+    for (name, info) in meta.tensors() {
+        if candle_dtype(info.dtype).is_none() {
+            return invalid(format!(
+                "{path}: tensor `{name}` has dtype {:?}; model weights must be f32, f16 or bf16",
+                info.dtype
+            ));
+        }
+        let bytes = info.shape.iter().product::<usize>() * info.dtype.bitsize() / 8;
+        let (a, b) = info.data_offsets;
+        if b < a || b - a != bytes {
+            return Err(truncated(format!(
+                "tensor `{name}` has {} bytes for its shape {:?}",
+                b.wrapping_sub(a),
+                info.shape
+            )));
+        }
+        end = end.max(b);
+        tensors.insert(name, info.clone());
+    }
+    if 8 + n + end as u64 != file_len {
+        return Err(truncated(format!("{} bytes of data expected, {} present", end, file_len - 8 - n)));
+    }
+    Ok(WeightHeader { data_start: 8 + n, tensors })
+}
+
+/// A safetensors file's header: where its data starts and each tensor's dtype, shape and bytes.
+#[derive(Debug, Clone)]
+pub struct WeightHeader {
+    /// Offset of the data section (8 + the header's length).
+    data_start: u64,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+impl WeightHeader {
+    /// Tensor names and shapes with their stored dtypes.
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &TensorInfo)> {
+        self.tensors.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+/// The candle dtype of a stored safetensors dtype (float types only).
+fn candle_dtype(d: safetensors::Dtype) -> Option<DType> {
+    use safetensors::Dtype as S;
+    Some(match d {
+        S::F32 => DType::F32,
+        S::F16 => DType::F16,
+        S::BF16 => DType::BF16,
+        S::F64 => DType::F64,
+        _ => return None,
+    })
+}
+
 /// A parsed, validated model: the manifest plus every config and checked weight file.
 pub struct ModelFiles {
     pub source: ModelSource,
     pub manifest: Manifest,
+    /// Each weight file's header (read once, when the files are checked).
+    headers: HashMap<String, WeightHeader>,
 }
 
 fn is_pickle(rel: &str, head: &[u8]) -> bool {
@@ -266,9 +394,10 @@ impl ModelFiles {
                 source.path("model.json")
             ));
         }
-        let files = Self { source, manifest };
+        let mut files = Self { source, manifest, headers: HashMap::new() };
         for rel in files.weight_files() {
-            files.check_weights(&rel)?;
+            let header = files.check_weights(&rel)?;
+            files.headers.insert(rel, header);
         }
         for rel in files.config_files() {
             files.config_json(&rel)?;
@@ -327,60 +456,237 @@ impl ModelFiles {
             .map_err(|e| LoadError::Invalid(format!("{}: {e}", self.source.path(rel))))
     }
 
-    /// Refuse pickles, truncated files and non-float tensors; verify sha256 when given.
-    fn check_weights(&self, rel: &str) -> Result<()> {
-        let path = self.source.path(rel);
-        let data = self.source.read(rel)?;
-        if is_pickle(rel, &data[..data.len().min(8)]) {
-            return Err(pickle_error(&path));
-        }
-        let st = SafeTensors::deserialize(&data).map_err(|e| {
-            LoadError::Invalid(format!(
-                "{path} is truncated or not a safetensors file ({e}); re-download or re-export it"
-            ))
-        })?;
-        for (name, view) in st.tensors() {
-            use safetensors::Dtype;
-            if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
-                return invalid(format!(
-                    "{path}: tensor `{name}` has dtype {:?}; model weights must be f32, f16 or bf16",
-                    view.dtype()
-                ));
-            }
-        }
+    /// A weight file's header ([`read_header`]), its sha256 verified when the manifest gives one.
+    fn check_weights(&self, rel: &str) -> Result<WeightHeader> {
+        let header = read_header(&self.source, rel)?;
         if let Some(expected) = self.manifest.sha256.get(rel) {
-            let got = format!("{:x}", Sha256::digest(&data));
+            let got = self.sha256(rel)?;
             if !got.eq_ignore_ascii_case(expected) {
-                return invalid(format!("{path}: sha256 {got} does not match model.json's {expected}"));
+                return invalid(format!("{}: sha256 {got} does not match model.json's {expected}", self.path(rel)));
             }
         }
-        Ok(())
+        Ok(header)
     }
 
-    /// A VarBuilder over a component's weight files, in `dtype` on `device`.
-    pub fn var_builder(&self, weights: &[String], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    /// sha256 of a file, read in 8 MiB pieces.
+    fn sha256(&self, rel: &str) -> Result<String> {
+        let mut h = Sha256::new();
         match &self.source {
+            ModelSource::Embedded(_) => h.update(self.source.read(rel)?),
             ModelSource::Dir(d) => {
-                let paths: Vec<PathBuf> = weights.iter().map(|w| d.join(w)).collect();
-                // Safety: the files were validated above and are not expected to change while loaded.
-                unsafe { VarBuilder::from_mmaped_safetensors(&paths, dtype, device) }
-                    .map_err(|e| LoadError::Invalid(format!("{}: {e}", weights.join(", "))))
-            }
-            ModelSource::Embedded(_) => {
-                let mut all = std::collections::HashMap::new();
-                for w in weights {
-                    let data = self.source.read(w)?;
-                    let ts = candle_core::safetensors::load_buffer(&data, device)
-                        .map_err(|e| LoadError::Invalid(format!("{}: {e}", self.source.path(w))))?;
-                    all.extend(ts);
+                let io = |e: std::io::Error| LoadError::Invalid(format!("cannot read {}: {e}", self.path(rel)));
+                let mut f = std::fs::File::open(d.join(rel)).map_err(io)?;
+                let mut buf = vec![0u8; 8 << 20];
+                loop {
+                    let k = f.read(&mut buf).map_err(io)?;
+                    if k == 0 {
+                        break;
+                    }
+                    h.update(&buf[..k]);
                 }
-                Ok(VarBuilder::from_tensors(all, dtype, device))
             }
         }
+        Ok(format!("{:x}", h.finalize()))
+    }
+
+    /// The headers of a component's weight files.
+    pub fn headers<'a>(&'a self, weights: &'a [String]) -> impl Iterator<Item = &'a WeightHeader> + 'a {
+        weights.iter().filter_map(|w| self.headers.get(w))
+    }
+
+    /// A VarBuilder over a component's weight files that builds each tensor in `dtype` on
+    /// `device` when a layer asks for it, reading it from its file once (no mapping kept, no
+    /// second copy): what the process holds is the weights at `dtype`, nothing else.
+    pub fn var_builder(&self, weights: &[String], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        let files = weights
+            .iter()
+            .map(|w| {
+                let h = self.headers.get(w).ok_or_else(|| LoadError::Invalid(format!("{w} was not checked")))?;
+                Ok((w.clone(), h.clone()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(weights_var_builder(self.source.clone(), files, dtype, device))
     }
 
     pub fn path(&self, rel: &str) -> String {
         self.source.path(rel)
+    }
+}
+
+fn weights_var_builder(
+    source: ModelSource,
+    files: Vec<(String, WeightHeader)>,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
+    let mut index = HashMap::new();
+    for (k, (_, header)) in files.iter().enumerate() {
+        for (name, info) in &header.tensors {
+            index.insert(name.clone(), (k, info.clone()));
+        }
+    }
+    let files = files.into_iter().map(|(w, h)| (w, h.data_start)).collect();
+    VarBuilder::from_backend(Box::new(WeightSource { source, files, index }), dtype, device.clone())
+}
+
+/// A VarBuilder over safetensors files outside a model directory (the parity fixtures'), on the
+/// same loading path as a model's: tensors read on demand into `dtype` on `device`.
+pub fn var_builder_from_files(paths: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    let source = ModelSource::Dir(PathBuf::from("."));
+    let files = paths
+        .iter()
+        .map(|p| {
+            let rel = p.display().to_string();
+            Ok((rel.clone(), read_header(&source, &rel)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(weights_var_builder(source, files, dtype, device))
+}
+
+/// The tensors of a component's weight files, built on demand in the dtype asked for: each one
+/// read from its file straight into the tensor's buffer (or converted piece by piece when the
+/// stored dtype differs), so a model never holds a weight twice, nor a mapping of its files.
+struct WeightSource {
+    source: ModelSource,
+    /// `(file, data start)` per weight file.
+    files: Vec<(String, u64)>,
+    /// Tensor name → (file index, header entry).
+    index: HashMap<String, (usize, TensorInfo)>,
+}
+
+/// Element types the loader builds tensors of.
+trait Elem: candle_core::WithDType + Copy + Default {
+    fn from_f32s(src: &[f32], dst: &mut [Self]);
+}
+
+impl Elem for f32 {
+    fn from_f32s(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl Elem for half::f16 {
+    fn from_f32s(src: &[f32], dst: &mut [Self]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
+}
+
+impl Elem for half::bf16 {
+    fn from_f32s(src: &[f32], dst: &mut [Self]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
+}
+
+impl Elem for f64 {
+    fn from_f32s(src: &[f32], dst: &mut [Self]) {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = v as f64;
+        }
+    }
+}
+
+/// Little-endian stored values → f32.
+fn decode_f32(stored: DType, bytes: &[u8], out: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    match stored {
+        DType::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes(c.try_into().unwrap());
+            }
+        }
+        DType::F16 => {
+            let v: Vec<half::f16> = bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect();
+            v.convert_to_f32_slice(out);
+        }
+        DType::BF16 => {
+            let v: Vec<half::bf16> = bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]])).collect();
+            v.convert_to_f32_slice(out);
+        }
+        _ => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+                *o = f64::from_le_bytes(c.try_into().unwrap()) as f32;
+            }
+        }
+    }
+}
+
+impl WeightSource {
+    fn read(&self, file: usize, info: &TensorInfo, dtype: DType) -> candle_core::Result<Tensor> {
+        let stored = candle_dtype(info.dtype).expect("checked when the files were opened");
+        match dtype {
+            DType::F32 => self.read_as::<f32>(file, info, stored),
+            DType::F16 => self.read_as::<half::f16>(file, info, stored),
+            DType::BF16 => self.read_as::<half::bf16>(file, info, stored),
+            DType::F64 => self.read_as::<f64>(file, info, stored),
+            other => candle_core::bail!("weights cannot be loaded as {other:?}"),
+        }
+    }
+
+    fn read_as<T: Elem>(&self, file: usize, info: &TensorInfo, stored: DType) -> candle_core::Result<Tensor> {
+        let (rel, start) = &self.files[file];
+        let n: usize = info.shape.iter().product();
+        let mut out = vec![T::default(); n];
+        let offset = start + info.data_offsets.0 as u64;
+        let err = |e: LoadError| candle_core::Error::Msg(e.to_string());
+        if stored == T::DTYPE {
+            // The stored bytes are the tensor's (little-endian, as this machine): read in place.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>()) };
+            match &self.source {
+                ModelSource::Dir(d) => {
+                    let f =
+                        std::fs::File::open(d.join(rel)).map_err(|e| candle_core::Error::Msg(format!("{rel}: {e}")))?;
+                    f.read_exact_at(dst, offset).map_err(|e| candle_core::Error::Msg(format!("{rel}: {e}")))?;
+                }
+                ModelSource::Embedded(_) => {
+                    dst.copy_from_slice(&self.source.read_at(rel, offset, dst.len()).map_err(err)?)
+                }
+            }
+        } else {
+            // Converted in pieces of 1 Mi values: never the whole tensor twice.
+            let size = stored.size_in_bytes();
+            let mut tmp = vec![0f32; n.min(1 << 20)];
+            for (k, chunk) in out.chunks_mut(1 << 20).enumerate() {
+                let bytes = self
+                    .source
+                    .read_at(rel, offset + (k << 20) as u64 * size as u64, chunk.len() * size)
+                    .map_err(err)?;
+                decode_f32(stored, &bytes, &mut tmp[..chunk.len()]);
+                T::from_f32s(&tmp[..chunk.len()], chunk);
+            }
+        }
+        Tensor::from_vec(out, info.shape.clone(), &Device::Cpu)
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for WeightSource {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            let file = self.index.get(name).map(|(k, _)| self.files[*k].0.as_str()).unwrap_or("?");
+            candle_core::bail!(
+                "{}: tensor `{name}` has shape {:?}, the config implies {:?}",
+                self.source.path(file),
+                t.dims(),
+                s.dims()
+            );
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some((file, info)) = self.index.get(name) else {
+            let files: Vec<&str> = self.files.iter().map(|(f, _)| f.as_str()).collect();
+            candle_core::bail!("tensor `{name}` is missing from {}", files.join(", "));
+        };
+        let t = self.read(*file, info, dtype)?;
+        if dev.is_cpu() { Ok(t) } else { t.to_device(dev) }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.index.contains_key(name)
     }
 }
 

@@ -2,14 +2,24 @@
 //!
 //! One file per model piece, candle-transformers style (`Config`, `new(cfg, vb)`, `forward`).
 
+/// `anyhow::ensure!` for `candle_core::Result`, the model's one error style.
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)+) => {
+        if !$cond {
+            candle_core::bail!($($arg)+)
+        }
+    };
+}
+
 pub mod autoencoder;
 pub mod clip;
 pub mod color_fix;
-pub mod cpu_ops;
+pub mod cpu;
 pub mod dpir;
 pub mod fusion;
 pub mod layers;
 pub mod loader;
+pub mod memory;
 pub mod pipeline;
 pub mod preprocess;
 pub mod prompt;

@@ -5,18 +5,23 @@
 //! ```text
 //! lq [-1,1] (already at output size) → z_lq = autoencoder.encode_latent(lq)
 //! x = initial noise; for each σ: v = transformer(x, z_lq, prompt, pooled, σ·1000); x = euler(v, x)
-//! image = autoencoder.decode_latent(x)
+//! image = autoencoder.decode_latent(x) → finish (colour fix, fusion, fidelity, crop)
 //! ```
 //!
 //! Prompt embeddings come from [`super::prompt`]; the colour fix is applied by the caller
 //! ([`super::color_fix`]). Latents are kept in f32 between steps whatever the model dtype (the
 //! official pipeline keeps them in the model dtype; f32 is the safer choice for half models).
 
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
 use candle_core::{DType, Result, Tensor};
 
 use super::autoencoder::{Autoencoder, LatentDraw};
+use super::color_fix::ColorFix;
+use super::fusion::Fusion;
 use super::scheduler::{FlowMatchEulerConfig, FlowMatchEulerScheduler, guidance};
-use super::tiling::{LatentTiling, blend_tiles, tile_windows};
+use super::tiling::{LatentTiling, TileConfig, blend_tiles, tile_windows};
 use super::transformer::DpirTransformer;
 
 /// Sampling options.
@@ -29,11 +34,18 @@ pub struct SamplerOptions {
     pub guidance_scale: f64,
     /// Latent tiling for large frames; `None` always samples the whole latent at once.
     pub tiling: Option<LatentTiling>,
+    /// The autoencoder's tiles for large frames; `None` encodes and decodes whole frames.
+    pub autoencoder_tiles: Option<TileConfig>,
 }
 
 impl Default for SamplerOptions {
     fn default() -> Self {
-        Self { steps: 28, guidance_scale: 1.0, tiling: Some(LatentTiling::default()) }
+        Self {
+            steps: 28,
+            guidance_scale: 1.0,
+            tiling: Some(LatentTiling::default()),
+            autoencoder_tiles: Some(TileConfig::default()),
+        }
     }
 }
 
@@ -49,27 +61,6 @@ pub struct StepInfo<'a> {
     pub velocity: &'a Tensor,
     /// Latents after the step.
     pub latents: &'a Tensor,
-}
-
-/// Result of [`DpirPipeline::restore`].
-#[derive(Debug, Clone)]
-pub struct RestoreOutput {
-    /// LQ latent given to the transformer as `controlnet_cond`.
-    pub z_lq: Tensor,
-    /// Latents after the last step (model space, before un-scaling).
-    pub final_latents: Tensor,
-    /// Decoded image, NCHW, about [-1, 1].
-    pub decoded: Tensor,
-    /// Where the time went.
-    pub times: StageTimes,
-}
-
-/// Wall time of each stage of [`DpirPipeline::restore`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StageTimes {
-    pub encode: std::time::Duration,
-    pub sample: std::time::Duration,
-    pub decode: std::time::Duration,
 }
 
 /// The DPIR sampler around a transformer and an autoencoder.
@@ -100,12 +91,15 @@ impl<'a> DpirPipeline<'a> {
     }
 
     /// `z_lq` of an LQ image (NCHW, [-1, 1], already at the output size).
-    pub fn encode_lq(&self, lq: &Tensor, draw: &LatentDraw) -> Result<Tensor> {
-        self.autoencoder.encode_latent(lq, draw)?.to_dtype(DType::F32)
+    pub fn encode_lq(&self, lq: &Tensor, draw: &LatentDraw, tiles: Option<TileConfig>) -> Result<Tensor> {
+        self.autoencoder.encode_latent(lq, draw, tiles)?.to_dtype(DType::F32)
     }
 
-    /// Euler sampling from `initial_latents` (noise at σ = 1, shaped like `z_lq`).
-    /// `on_step` runs after every step; returning an error aborts sampling (cancellation).
+    /// Euler sampling from `initial_latents`, from step `start_step` on: at step 0 they are noise
+    /// at σ = 1, shaped like `z_lq`; later, a previous result re-noised to the σ of that step by
+    /// the scheduler ([`Start::Warm`]). `on_step` runs after every step; [`ControlFlow::Break`]
+    /// stops sampling and gives `None` (cancellation).
+    #[allow(clippy::too_many_arguments)]
     pub fn denoise(
         &self,
         z_lq: &Tensor,
@@ -113,25 +107,9 @@ impl<'a> DpirPipeline<'a> {
         prompt_embeds: &Tensor,
         pooled: &Tensor,
         opts: &SamplerOptions,
-        on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
-    ) -> Result<Tensor> {
-        self.denoise_from(z_lq, initial_latents, prompt_embeds, pooled, opts, 0, on_step)
-    }
-
-    /// [`Self::denoise`] skipping the first `start_step` steps: `initial_latents` must be at the
-    /// σ of that step (a previous result re-noised by the scheduler, see [`Start::Warm`]).
-    /// `start_step = 0` is plain sampling.
-    #[allow(clippy::too_many_arguments)]
-    pub fn denoise_from(
-        &self,
-        z_lq: &Tensor,
-        initial_latents: &Tensor,
-        prompt_embeds: &Tensor,
-        pooled: &Tensor,
-        opts: &SamplerOptions,
         start_step: usize,
-        on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
-    ) -> Result<Tensor> {
+        on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
+    ) -> Result<Option<Tensor>> {
         if start_step >= opts.steps.max(1) {
             candle_core::bail!("start step {start_step} is not below the {} sampling steps", opts.steps);
         }
@@ -208,52 +186,31 @@ impl<'a> DpirPipeline<'a> {
             };
             let v = v.to_dtype(DType::F32)?;
             let next = sched.step(&v, i, &x)?;
-            on_step(&StepInfo { index: i, total, timestep: t, model_input: &x, velocity: &v, latents: &next })?;
+            let info = StepInfo { index: i, total, timestep: t, model_input: &x, velocity: &v, latents: &next };
+            if on_step(&info).is_break() {
+                return Ok(None);
+            }
             x = next;
         }
-        Ok(x)
+        Ok(Some(x))
     }
 
     /// Decode model-space latents to an image (NCHW, about [-1, 1], f32).
-    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        self.autoencoder.decode_latent(latents)?.to_dtype(DType::F32)
+    pub fn decode(&self, latents: &Tensor, tiles: Option<TileConfig>) -> Result<Tensor> {
+        self.autoencoder.decode_latent(latents, tiles)?.to_dtype(DType::F32)
     }
 
-    /// The whole one-image pipeline: encode the LQ, sample from `start`, decode. This is what
-    /// the element runs for every frame (through the engine) and what the `pipeline_e2e` parity
-    /// case checks.
-    #[allow(clippy::too_many_arguments)]
-    pub fn restore(
-        &self,
-        lq: &Tensor,
-        prompt_embeds: &Tensor,
-        pooled: &Tensor,
-        start: Start,
-        draw: &LatentDraw,
-        opts: &SamplerOptions,
-        on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
-    ) -> Result<RestoreOutput> {
-        let (_, _, h, w) = lq.dims4()?;
-        self.latent_shape(w, h)?;
-        let t = std::time::Instant::now();
-        let z_lq = self.encode_lq(lq, draw)?;
-        let encode = t.elapsed();
-        let t = std::time::Instant::now();
-        let (init, first) = match start {
-            Start::Noise(n) => (n.clone(), 0),
-            Start::Warm { step: 0, noise, .. } => (noise.clone(), 0),
+    /// The initial latents for `start` and the step sampling begins at: noise at step 0, or a
+    /// previous result re-noised by the scheduler to the σ of a later step (warm start).
+    pub fn start(&self, start: Start, steps: usize) -> Result<(Tensor, usize)> {
+        match start {
+            Start::Noise(n) | Start::Warm { step: 0, noise: n, .. } => Ok((n.clone(), 0)),
             Start::Warm { previous, noise, step } => {
                 let mut sched = FlowMatchEulerScheduler::new(self.scheduler.clone());
-                sched.set_timesteps(opts.steps);
-                (sched.scale_noise(previous, step, noise)?, step)
+                sched.set_timesteps(steps);
+                Ok((sched.scale_noise(previous, step, noise)?, step))
             }
-        };
-        let final_latents = self.denoise_from(&z_lq, &init, prompt_embeds, pooled, opts, first, on_step)?;
-        let sample = t.elapsed();
-        let t = std::time::Instant::now();
-        let decoded = self.decode(&final_latents)?;
-        let times = StageTimes { encode, sample, decode: t.elapsed() };
-        Ok(RestoreOutput { z_lq, final_latents, decoded, times })
+        }
     }
 }
 
@@ -268,6 +225,36 @@ pub enum Start<'a> {
     Warm { previous: &'a Tensor, noise: &'a Tensor, step: usize },
 }
 
+/// What happens to the decoded image: the colour fix, the model's fusion stage, the fidelity
+/// blend towards the LQ frame.
+#[derive(Clone, Copy)]
+pub struct Finish<'a> {
+    pub color_fix: ColorFix,
+    pub fusion: Option<&'a Fusion>,
+    /// 0: the restoration; up to 1: `(1 − f)·restored + f·LQ`.
+    pub fidelity: f64,
+}
+
+/// The decoded image (NCHW, about [-1, 1]) finished against the LQ frame (NCHW, [0, 1], the same
+/// padded size) and cropped to `width × height`: clamped to [0, 1] as the official script does
+/// (diffusers' postprocess) and colour-fixed on the float values (the official code quantises to
+/// 8 bits in between; 16-bit output keeps them), then the fusion stage (trained on the
+/// colour-fixed output, so after the fix) and the fidelity blend (both in [0, 1]: no clamp).
+/// Returns the image in [0, 1] and the fusion stage's time.
+pub fn finish(decoded: &Tensor, lq: &Tensor, f: &Finish, width: usize, height: usize) -> Result<(Tensor, Duration)> {
+    let out01 = ((decoded + 1.0)? / 2.0)?.clamp(0f32, 1f32)?;
+    let fixed = f.color_fix.apply(&out01, lq)?.clamp(0f32, 1f32)?;
+    let t = Instant::now();
+    let fixed = match f.fusion {
+        Some(fusion) => fusion.forward(lq, &fixed)?.clamp(0f32, 1f32)?,
+        None => fixed,
+    };
+    let fusion_time = t.elapsed();
+    let fixed = if f.fidelity > 0.0 { ((fixed * (1.0 - f.fidelity))? + (lq * f.fidelity)?)? } else { fixed };
+    Ok((fixed.narrow(2, 0, height)?.narrow(3, 0, width)?, fusion_time))
+}
+
+#[cfg(feature = "parity")]
 /// diffusers `VaeImageProcessor.postprocess(output_type="pil")` for one image: NCHW [-1, 1] →
 /// `(x/2 + 0.5).clamp(0, 1)·255`, rounded half to even (numpy `round`) → uint8 `[H, W, 3]`.
 pub fn postprocess_uint8(decoded: &Tensor) -> Result<Tensor> {

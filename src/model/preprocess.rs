@@ -7,8 +7,8 @@
 //! (separable, horizontal pass first, coefficients quantised to 22 fractional bits, each pass
 //! rounded and clamped to u8) so that the resized uint8 image matches Pillow exactly.
 
-use anyhow::{Result, bail, ensure};
 use candle_core::{DType, Device, Tensor};
+use candle_core::{Result, bail};
 
 /// An owned 8-bit RGB image, rows top to bottom, pixels interleaved (HWC).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,6 +185,47 @@ pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> Result<RgbI
         }
     }
     RgbImage::new(out_w, out_h, out)
+}
+
+/// Interleaved RGB pixels of an LQ frame: 8-bit, or floats in [0, 1].
+#[derive(Debug, Clone, Copy)]
+pub enum RgbPixels<'a> {
+    U8(&'a [u8]),
+    F32(&'a [f32]),
+}
+
+/// The LQ frame as the model takes it, in one pass: `[1, 3, ph, pw]` f32 in [0, 1] (8-bit values
+/// `/ 255`, exactly torchvision's `ToTensor`), the last row and column repeated out to the padded
+/// size `pw × ph` (the model needs multiples of 16).
+pub fn lq_tensor(pixels: RgbPixels, w: usize, h: usize, pw: usize, ph: usize, device: &Device) -> Result<Tensor> {
+    ensure!(w > 0 && h > 0 && pw >= w && ph >= h, "lq_tensor: {w}x{h} padded to {pw}x{ph}");
+    let n = match pixels {
+        RgbPixels::U8(v) => v.len(),
+        RgbPixels::F32(v) => v.len(),
+    };
+    ensure!(n == w * h * 3, "lq_tensor: {n} values for {w}x{h} RGB");
+    let plane = pw * ph;
+    let mut out = vec![0f32; 3 * plane];
+    for y in 0..ph {
+        let sy = y.min(h - 1);
+        for x in 0..pw {
+            let i = (sy * w + x.min(w - 1)) * 3;
+            let o = y * pw + x;
+            match pixels {
+                RgbPixels::U8(v) => {
+                    for c in 0..3 {
+                        out[c * plane + o] = v[i + c] as f32 / 255.0;
+                    }
+                }
+                RgbPixels::F32(v) => {
+                    for c in 0..3 {
+                        out[c * plane + o] = v[i + c];
+                    }
+                }
+            }
+        }
+    }
+    Tensor::from_vec(out, (1, 3, ph, pw), device)
 }
 
 /// Pillow's bicubic filter on float RGB (`[h·w·3]`, values in [0, 1]) with no 8-bit rounding:

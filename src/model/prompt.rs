@@ -11,15 +11,13 @@
 //!
 //! The three parts are separate calls so that a clip cache can keep the text embedding (per
 //! prompt string) and the global tokens (per key frame) and recompute only the local part
-//! (per frame or tile): [`TextEncoder::embed`], [`ImagePromptEncoder::global_prompt`],
+//! (per frame or tile): [`super::t5::TextEncoder::embed`], [`ImagePromptEncoder::global_prompt`],
 //! [`ImagePromptEncoder::local_prompt`], then [`assemble`].
 
-use anyhow::{Result, bail, ensure};
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Result, Tensor, bail};
 
 use super::clip::{ClipVisionModel, raw_cls};
 use super::preprocess::{ClipPreprocessConfig, RgbImage};
-pub use super::t5::TextEncoder;
 
 /// How the global image is cut into 1024-px CLIP tiles.
 ///
@@ -117,8 +115,12 @@ fn axis_windows(side: usize, cfg: &PromptConfig) -> Vec<(i64, i64, i64, i64)> {
 
 /// Global tiles of a `width × height` image, rows outer, columns inner.
 pub fn global_tiles(width: usize, height: usize, cfg: &PromptConfig) -> Result<Vec<Tile>> {
-    ensure!(width > 0 && height > 0, "global image is empty");
-    ensure!(cfg.tile_size > 0 && cfg.tile_stride > 0, "tile size and stride must be positive");
+    if width == 0 || height == 0 {
+        bail!("global image is empty");
+    }
+    if cfg.tile_size == 0 || cfg.tile_stride == 0 {
+        bail!("tile size and stride must be positive");
+    }
     let rows = axis_windows(height, cfg);
     let cols = axis_windows(width, cfg);
     let mut v = Vec::with_capacity(rows.len() * cols.len());
@@ -175,11 +177,9 @@ impl ImagePromptEncoder {
         let preprocess = ClipPreprocessConfig::default();
         for (name, m) in [("one", &one), ("two", &two)] {
             let s = m.config().image_size;
-            ensure!(
-                s == preprocess.crop_height && s == preprocess.crop_width,
-                "image encoder {name}: image_size {s} != CLIP crop {}",
-                preprocess.crop_height
-            );
+            if s != preprocess.crop_height || s != preprocess.crop_width {
+                bail!("image encoder {name}: image_size {s} != CLIP crop {}", preprocess.crop_height);
+            }
         }
         Ok(Self { one, two, preprocess, config })
     }
@@ -241,7 +241,7 @@ fn pad_channels(t: &Tensor, width: usize) -> Result<Tensor> {
 }
 
 /// `[local ‖ global]` tokens padded/truncated to `clip_tokens`, padded to the T5 width,
-/// followed by the T5 tokens. `text` is `[1, L, d_t5]` from [`TextEncoder::embed`].
+/// followed by the T5 tokens. `text` is `[1, L, d_t5]` from [`super::t5::TextEncoder::embed`].
 pub fn assemble(local: &LocalPrompt, global: &GlobalPrompt, text: &Tensor, clip_tokens: usize) -> Result<PromptEmbeds> {
     let width = local.pooled.dim(1)?;
     let d_t5 = text.dim(2)?;
@@ -249,34 +249,15 @@ pub fn assemble(local: &LocalPrompt, global: &GlobalPrompt, text: &Tensor, clip_
     let dt = text.dtype();
     let loc = pad_channels(&local.tokens.to_device(dev)?.to_dtype(dt)?, width)?;
     let glob = global.tokens.to_device(dev)?.to_dtype(dt)?;
-    ensure!(glob.dim(2)? == width, "global tokens have {} channels, local pooled {width}", glob.dim(2)?);
+    if glob.dim(2)? != width {
+        bail!("global tokens have {} channels, local pooled {width}", glob.dim(2)?);
+    }
     let mut toks = Tensor::cat(&[&loc, &glob], 1)?;
     let n = toks.dim(1)?;
     toks = if n >= clip_tokens { toks.narrow(1, 0, clip_tokens)? } else { toks.pad_with_zeros(1, 0, clip_tokens - n)? };
     let toks = pad_channels(&toks, d_t5)?;
     let prompt_embeds = Tensor::cat(&[&toks, text], 1)?;
     Ok(PromptEmbeds { prompt_embeds, pooled: local.pooled.to_device(dev)?.to_dtype(dt)? })
-}
-
-/// Everything needed to build DPIR's conditioning.
-pub struct DualPromptEncoder {
-    pub image: ImagePromptEncoder,
-    pub text: TextEncoder,
-}
-
-impl DualPromptEncoder {
-    /// The official call for one image and prompt: local patch = `patch`, global = `global`.
-    pub fn encode(&mut self, global: &RgbImage, patch: &RgbImage, prompt: &str) -> Result<PromptEmbeds> {
-        let text = self.text.embed(prompt)?;
-        let g = self.image.global_prompt(global)?;
-        let l = self.image.local_prompt(patch)?;
-        assemble(&l, &g, &text, self.image.config.clip_tokens)
-    }
-
-    /// As DPIR's test script (and `pipeline_e2e`): local patch = global image = the LQ frame.
-    pub fn encode_lq(&mut self, lq: &RgbImage, prompt: &str) -> Result<PromptEmbeds> {
-        self.encode(lq, lq, prompt)
-    }
 }
 
 const _: () = {

@@ -8,9 +8,10 @@
 //! applied. Images: the reference works in [0, 1]; the [`Autoencoder`] impl maps [-1, 1].
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::autoencoder::{Autoencoder, LatentDraw};
+use super::layers::{self, Conv};
 use super::tiling::{TileConfig, tiled_decode, tiled_encode};
 
 /// Shape of a TAESD-family model (the defaults are TAESD3's; diffusers `AutoencoderTiny`
@@ -47,27 +48,22 @@ impl TaesdConfig {
     }
 }
 
-fn conv3(cin: usize, cout: usize, stride: usize, bias: bool, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig { padding: 1, stride, ..Default::default() };
-    if bias { candle_nn::conv2d(cin, cout, 3, cfg, vb) } else { candle_nn::conv2d_no_bias(cin, cout, 3, cfg, vb) }
+fn conv3(cin: usize, cout: usize, stride: usize, bias: bool, vb: VarBuilder) -> Result<Conv> {
+    if bias { layers::conv(cin, cout, 3, stride, 1, vb) } else { layers::conv_no_bias(cin, cout, 3, stride, 1, vb) }
 }
 
 /// `Block`: conv-relu-conv-relu-conv + skip (1×1, no bias, when channels differ), then ReLU.
 #[derive(Debug, Clone)]
 struct Block {
-    c0: Conv2d,
-    c2: Conv2d,
-    c4: Conv2d,
-    skip: Option<Conv2d>,
+    c0: Conv,
+    c2: Conv,
+    c4: Conv,
+    skip: Option<Conv>,
 }
 
 impl Block {
     fn new(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
-        let skip = if cin != cout {
-            Some(candle_nn::conv2d_no_bias(cin, cout, 1, Default::default(), vb.pp("skip"))?)
-        } else {
-            None
-        };
+        let skip = if cin != cout { Some(layers::conv_no_bias(cin, cout, 1, 1, 0, vb.pp("skip"))?) } else { None };
         Ok(Self {
             c0: conv3(cin, cout, 1, true, vb.pp("conv.0"))?,
             c2: conv3(cout, cout, 1, true, vb.pp("conv.2"))?,
@@ -90,7 +86,7 @@ impl Module for Block {
 
 #[derive(Debug, Clone)]
 enum Layer {
-    Conv(Conv2d),
+    Conv(Conv),
     Block(Block),
     Relu,
     Up2,
@@ -178,27 +174,23 @@ pub struct Taesd {
     decoder: Option<Seq>,
     cfg: TaesdConfig,
     dtype: DType,
-    tiling: Option<TileConfig>,
 }
 
 impl Taesd {
     /// `encoder` / `decoder`: VarBuilders over `taesd3_encoder.safetensors` /
     /// `taesd3_decoder.safetensors` (bf16 on disk; load them as f32 for reference numerics).
-    /// Tiling defaults to [`TileConfig::default`].
     pub fn new(cfg: &TaesdConfig, encoder: Option<VarBuilder>, decoder: Option<VarBuilder>) -> Result<Self> {
-        let dtype = encoder.as_ref().or(decoder.as_ref()).map(|v| v.dtype()).unwrap_or(DType::F32);
+        let dtype = encoder
+            .as_ref()
+            .or(decoder.as_ref())
+            .map(|v| layers::compute_dtype(v.dtype(), v.device()))
+            .unwrap_or(DType::F32);
         Ok(Self {
             encoder: encoder.map(|vb| build_encoder(cfg, vb)).transpose()?,
             decoder: decoder.map(|vb| build_decoder(cfg, vb)).transpose()?,
             cfg: cfg.clone(),
             dtype,
-            tiling: Some(TileConfig::default()),
         })
-    }
-
-    pub fn with_tiling(mut self, tiling: Option<TileConfig>) -> Self {
-        self.tiling = tiling;
-        self
     }
 
     pub fn config(&self) -> &TaesdConfig {
@@ -218,30 +210,24 @@ impl Taesd {
             self.decoder.as_ref().ok_or_else(|| candle_core::Error::Msg("TAESD: no decoder weights loaded".into()))?;
         z.to_dtype(self.dtype)?.apply(dec)
     }
-
-    fn encode_auto(&self, x01: &Tensor) -> Result<Tensor> {
-        match self.tiling {
-            Some(t) => tiled_encode(x01, t, self.cfg.downscale(), |x| self.encode(x)),
-            None => self.encode(x01),
-        }
-    }
-
-    fn decode_auto(&self, z: &Tensor) -> Result<Tensor> {
-        match self.tiling {
-            Some(t) => tiled_decode(z, t, self.cfg.downscale(), |z| self.decode(z)),
-            None => self.decode(z),
-        }
-    }
 }
 
 impl Autoencoder for Taesd {
     /// TAESD is deterministic: `LatentDraw` is ignored (there is no posterior).
-    fn encode_latent(&self, image: &Tensor, _draw: &LatentDraw) -> Result<Tensor> {
-        self.encode_auto(&((image * 0.5)? + 0.5)?)
+    fn encode_latent(&self, image: &Tensor, _draw: &LatentDraw, tiles: Option<TileConfig>) -> Result<Tensor> {
+        let x01 = ((image * 0.5)? + 0.5)?;
+        match tiles {
+            Some(t) => tiled_encode(&x01, t, self.cfg.downscale(), |x| self.encode(x)),
+            None => self.encode(&x01),
+        }
     }
 
-    fn decode_latent(&self, latent: &Tensor) -> Result<Tensor> {
-        (self.decode_auto(latent)? * 2.0)? - 1.0
+    fn decode_latent(&self, latent: &Tensor, tiles: Option<TileConfig>) -> Result<Tensor> {
+        let x01 = match tiles {
+            Some(t) => tiled_decode(latent, t, self.cfg.downscale(), |z| self.decode(z))?,
+            None => self.decode(latent)?,
+        };
+        (x01 * 2.0)? - 1.0
     }
 
     fn downscale(&self) -> usize {
@@ -274,7 +260,7 @@ mod tests {
         let dev = Device::Cpu;
         let vbe = unsafe { VarBuilder::from_mmaped_safetensors(&[enc], DType::F32, &dev)? };
         let vbd = unsafe { VarBuilder::from_mmaped_safetensors(&[dec], DType::F32, &dev)? };
-        let m = Taesd::new(&TaesdConfig::default(), Some(vbe), Some(vbd))?.with_tiling(None);
+        let m = Taesd::new(&TaesdConfig::default(), Some(vbe), Some(vbd))?;
         let io = candle_core::safetensors::load(io, &dev)?;
         let z = &io["latent"];
         let x = &io["image_in_0_1"];

@@ -6,10 +6,9 @@
 //! norms, GroupNorm statistics, the alignment statistics and (on CPU) the softmax are computed in
 //! at least f32.
 
-use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
-use super::cpu_ops;
 use super::layers::{self, Conv, Gn, Lin};
 
 /// diffusers `SD3Transformer2DModel` config (`transformer/config.json`); unknown keys are
@@ -75,9 +74,6 @@ impl DpirTransformerConfig {
 const LN_EPS: f64 = 1e-6;
 const GN_EPS: f64 = 1e-5;
 const ALIGN_EPS: f64 = 1e-9;
-/// Upper bound on the attention score matrix materialised at once (heads are chunked).
-const ATTN_CHUNK_BYTES: usize = 1 << 30;
-
 fn stats_dtype(dt: DType) -> DType {
     match dt {
         DType::F16 | DType::BF16 => DType::F32,
@@ -85,36 +81,8 @@ fn stats_dtype(dt: DType) -> DType {
     }
 }
 
-/// LayerNorm without affine over the last dim, two-pass (hidden states of the real model have
-/// large means, so the one-pass E[x²]−E[x]² of candle's fused kernel is avoided).
-fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
-    let dt = x.dtype();
-    let xf = x.to_dtype(stats_dtype(dt))?;
-    let mean = xf.mean_keepdim(D::Minus1)?;
-    let xc = xf.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dt)
-}
-
-/// `x * (1 + scale[:, None]) + shift[:, None]`; x [B, N, C], scale/shift [B, C].
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
-}
-
-/// `x + y · gate[:, None]` (gated residual); one pass on the CPU in f32.
-fn add_gated(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
-    if let Some(r) = cpu_ops::add_gated(x, y, gate) {
-        return r;
-    }
-    x + y.broadcast_mul(&gate.unsqueeze(1)?)?
-}
-
-/// `modulate(layer_norm(x), shift, scale)`: one pass on the CPU in f32.
 fn norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    if let Some(r) = cpu_ops::layer_norm_modulate(x, shift, scale, LN_EPS) {
-        return r;
-    }
-    modulate(&layer_norm(x, LN_EPS)?, shift, scale)
+    layers::layer_norm_modulate(x, shift, scale, LN_EPS)
 }
 
 /// diffusers `AdaLayerNormZero`: returns (normed+modulated x, gate_msa, shift_mlp, scale_mlp, gate_mlp).
@@ -208,27 +176,13 @@ impl JointAttention {
         })
     }
 
-    /// [B, N, H*D] -> [B, H, N, D]
-    fn heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
-        x.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
-    }
-
     fn forward(&self, x: &Tensor, ctx: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        let (b, n_img, dim) = x.dims3()?;
+        let n_img = x.dim(1)?;
         let n_ctx = ctx.dim(1)?;
         let q = Tensor::cat(&[self.to_q.forward(x)?, self.add_q.forward(ctx)?], 1)?;
         let k = Tensor::cat(&[self.to_k.forward(x)?, self.add_k.forward(ctx)?], 1)?;
         let v = Tensor::cat(&[self.to_v.forward(x)?, self.add_v.forward(ctx)?], 1)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = match cpu_ops::attention(&q, &k, &v, self.heads, scale as f32) {
-            Some(r) => r?, // [B, N, H*D], heads read in place
-            None => {
-                let q = (self.heads(&q)? * scale)?;
-                let out = sdpa(&q, &self.heads(&k)?, &self.heads(&v)?)?; // [B, H, N, D]
-                out.transpose(1, 2)?.reshape((b, n_img + n_ctx, dim))?
-            }
-        };
+        let out = layers::attention(&q, &k, &v, self.heads, 1.0 / (self.head_dim as f64).sqrt())?; // [B, N, H·D]
         let img = self.to_out.forward(&out.narrow(1, 0, n_img)?.contiguous()?)?;
         let ctx_out = match &self.to_add_out {
             Some(l) => Some(l.forward(&out.narrow(1, n_img, n_ctx)?.contiguous()?)?),
@@ -236,36 +190,6 @@ impl JointAttention {
         };
         Ok((img, ctx_out))
     }
-}
-
-/// softmax(q kᵀ) v with q pre-scaled; [B, H, N, D]. Heads are processed in chunks so the score
-/// matrix stays bounded for large token counts.
-fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let (b, h, n, _) = q.dims4()?;
-    let per_head = b * n * n * 4;
-    let chunk = (ATTN_CHUNK_BYTES / per_head.max(1)).clamp(1, h);
-    let half_on_cpu = q.device().is_cpu() && matches!(q.dtype(), DType::F16 | DType::BF16);
-    let one = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
-        let s = q.matmul(&k.t()?)?;
-        let p = if half_on_cpu {
-            // candle's CPU softmax accumulates in the element type; CUDA's accumulates in f32.
-            candle_nn::ops::softmax_last_dim(&s.to_dtype(DType::F32)?)?.to_dtype(q.dtype())?
-        } else {
-            candle_nn::ops::softmax_last_dim(&s)?
-        };
-        p.matmul(v)
-    };
-    if chunk >= h {
-        return one(q, k, v);
-    }
-    let mut outs = Vec::with_capacity(h.div_ceil(chunk));
-    let mut start = 0;
-    while start < h {
-        let len = chunk.min(h - start);
-        outs.push(one(&q.narrow(1, start, len)?, &k.narrow(1, start, len)?, &v.narrow(1, start, len)?)?);
-        start += len;
-    }
-    Tensor::cat(&outs, 1)
 }
 
 /// diffusers `JointTransformerBlock`.
@@ -312,14 +236,14 @@ impl JointBlock {
             ContextNorm::Continuous(n) => (n.forward(ctx, temb_silu)?, None),
         };
         let (attn, ctx_attn) = self.attn.forward(&nx, &nctx)?;
-        let x = add_gated(x, &attn, &gate_msa)?;
+        let x = layers::add_gated(x, &attn, &gate_msa)?;
         let nx = norm_modulate(&x, &shift_mlp, &scale_mlp)?;
-        let x = add_gated(&x, &self.ff.forward(&nx)?, &gate_mlp)?;
+        let x = layers::add_gated(&x, &self.ff.forward(&nx)?, &gate_mlp)?;
         let ctx = match (cmods, ctx_attn, &self.ff_context) {
             (Some((g, sh, sc, gm)), Some(ca), Some(ff)) => {
-                let ctx = add_gated(ctx, &ca, &g)?;
+                let ctx = layers::add_gated(ctx, &ca, &g)?;
                 let nc = norm_modulate(&ctx, &sh, &sc)?;
-                Some(add_gated(&ctx, &ff.forward(&nc)?, &gm)?)
+                Some(layers::add_gated(&ctx, &ff.forward(&nc)?, &gm)?)
             }
             _ => None,
         };
@@ -346,7 +270,7 @@ impl ControlConv {
             }
             let b = vb.get(cout, &format!("{idx}.bias"))?;
             let _ = cin;
-            let conv = Conv::new(Conv2d::new(w, Some(b), Conv2dConfig { padding: 1, stride, ..Default::default() }))?;
+            let conv = Conv::new(w, Some(b), Conv2dConfig { padding: 1, stride, ..Default::default() })?;
             let gn = layers::group_norm(groups, cout, GN_EPS, vb.pp(idx + 1))?;
             layers.push((conv, gn));
         }
@@ -366,21 +290,30 @@ impl ControlConv {
     }
 }
 
-/// Intermediates of one forward pass, named after the fixture's `debug_*` tensors.
-#[derive(Debug, Clone)]
-pub struct DpirDebug {
-    /// Patch conv + cropped pos-embed, [B, tokens, inner].
-    pub patch_embed: Tensor,
-    /// Timestep + pooled embedding, [B, inner].
-    pub temb: Tensor,
-    /// `context_embedder` output, [B, ctx, inner].
-    pub context_embedded: Tensor,
-    /// `control_conv` output, NCHW (before flattening to tokens).
-    pub control_conv_out: Tensor,
-    pub block0_out_hidden: Tensor,
-    pub block0_out_context: Tensor,
-    /// Image stream entering block 1: block-0 output + aligned control tokens.
-    pub after_block0_plus_control: Tensor,
+#[cfg(feature = "parity")]
+pub use debug::DpirDebug;
+use debug::DpirDebug as Intermediates;
+
+mod debug {
+    use candle_core::Tensor;
+
+    /// Intermediates of one forward pass, named after the fixture's `debug_*` tensors (the parity
+    /// tests', `parity` feature).
+    #[derive(Debug, Clone)]
+    pub struct DpirDebug {
+        /// Patch conv + cropped pos-embed, [B, tokens, inner].
+        pub patch_embed: Tensor,
+        /// Timestep + pooled embedding, [B, inner].
+        pub temb: Tensor,
+        /// `context_embedder` output, [B, ctx, inner].
+        pub context_embedded: Tensor,
+        /// `control_conv` output, NCHW (before flattening to tokens).
+        pub control_conv_out: Tensor,
+        pub block0_out_hidden: Tensor,
+        pub block0_out_context: Tensor,
+        /// Image stream entering block 1: block-0 output + aligned control tokens.
+        pub after_block0_plus_control: Tensor,
+    }
 }
 
 /// The DPIR transformer (SD3 MMDiT + LQ conditioning branch).
@@ -401,6 +334,8 @@ pub struct DpirTransformer {
     control: ControlConv,
     /// f32 frequencies of diffusers `Timesteps(256, flip_sin_to_cos=True, shift=0)`.
     freqs: Vec<f32>,
+    /// The activations' dtype ([`layers::compute_dtype`]).
+    dtype: DType,
 }
 
 const _: () = {
@@ -427,7 +362,7 @@ impl DpirTransformer {
             let vb = vb.pp("pos_embed.proj");
             let w = vb.get((inner, cfg.in_channels, p, p), "weight")?;
             let b = vb.get(inner, "bias")?;
-            Conv::new(Conv2d::new(w, Some(b), Conv2dConfig { stride: p, ..Default::default() }))?
+            Conv::new(w, Some(b), Conv2dConfig { stride: p, ..Default::default() })?
         };
         let m = cfg.pos_embed_max_size;
         let pos_embed = vb.get((1, m * m, inner), "pos_embed.pos_embed")?.reshape((m, m, inner))?;
@@ -468,6 +403,7 @@ impl DpirTransformer {
             proj_out: layers::linear(inner, p * p * cfg.out_channels, vb.pp("proj_out"))?,
             control,
             freqs,
+            dtype: layers::compute_dtype(vb.dtype(), vb.device()),
         })
     }
 
@@ -475,8 +411,9 @@ impl DpirTransformer {
         &self.cfg
     }
 
+    /// The dtype the transformer computes in (inputs are cast to it).
     pub fn dtype(&self) -> DType {
-        self.proj_out.weight().dtype()
+        self.dtype
     }
 
     pub fn device(&self) -> &Device {
@@ -568,6 +505,7 @@ impl DpirTransformer {
     }
 
     /// Forward that also returns the intermediates (for parity checks).
+    #[cfg(feature = "parity")]
     pub fn forward_with_debug(
         &self,
         hidden_states: &Tensor,
@@ -590,7 +528,7 @@ impl DpirTransformer {
         pooled_projections: &Tensor,
         timestep: &Tensor,
         debug: bool,
-    ) -> Result<(Tensor, Option<DpirDebug>)> {
+    ) -> Result<(Tensor, Option<Intermediates>)> {
         let dt = self.dtype();
         let (b, h, w) = self.check_latent(hidden_states, "hidden_states")?;
         let p = self.cfg.patch_size;
@@ -608,7 +546,7 @@ impl DpirTransformer {
         let temb_silu = temb.silu()?;
         let mut ctx = self.context_embedder.forward(&encoder_hidden_states.to_dtype(dt)?)?;
         let control_tokens = control.flatten_from(2)?.transpose(1, 2)?; // b c h w -> b (h w) c
-        let mut dbg = debug.then(|| DpirDebug {
+        let mut dbg = debug.then(|| Intermediates {
             patch_embed: x.clone(),
             temb: temb.clone(),
             context_embedded: ctx.clone(),

@@ -10,7 +10,6 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::autoencoder::{Autoencoder, LatentDraw};
-use super::cpu_ops;
 use super::layers::{self, Conv, Gn, Lin};
 use super::tiling::{TileConfig, tiled_decode, tiled_encode};
 
@@ -154,10 +153,6 @@ struct AttnBlock {
     channels: usize,
 }
 
-/// Max elements of one attention score matrix: queries are chunked beyond this so a
-/// large tile cannot allocate an L×L matrix at once.
-const ATTN_MAX_SCORES: usize = 1 << 26;
-
 impl AttnBlock {
     fn new(ch: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
@@ -179,26 +174,7 @@ impl Module for AttnBlock {
         let q = hs.apply(&self.to_q)?;
         let k = hs.apply(&self.to_k)?;
         let v = hs.apply(&self.to_v)?;
-        let scale = 1.0 / (self.channels as f64).sqrt();
-        if let Some(o) = cpu_ops::attention(&q, &k, &v, 1, scale as f32) {
-            let o = o?.apply(&self.to_out)?.transpose(1, 2)?.reshape((b, c, h, w))?;
-            return o + x;
-        }
-        let kt = k.t()?.contiguous()?;
-        let dtype = x.dtype();
-        let chunk = (ATTN_MAX_SCORES / l.max(1)).clamp(1, l.max(1));
-        let mut outs = Vec::with_capacity(l.div_ceil(chunk));
-        let mut start = 0;
-        while start < l {
-            let n = chunk.min(l - start);
-            let qc = q.narrow(1, start, n)?;
-            // Softmax in f32 so half-precision runs do not overflow.
-            let s = (qc.matmul(&kt)? * scale)?.to_dtype(DType::F32)?;
-            let p = candle_nn::ops::softmax_last_dim(&s)?.to_dtype(dtype)?;
-            outs.push(p.matmul(&v)?);
-            start += n;
-        }
-        let o = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(&outs, 1)? };
+        let o = layers::attention(&q, &k, &v, 1, 1.0 / (self.channels as f64).sqrt())?;
         let o = o.apply(&self.to_out)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         o + x
     }
@@ -418,8 +394,9 @@ impl Posterior {
     }
 }
 
-/// SD3's `AutoencoderKL`. Runs in the dtype of its weights (inputs are cast); f32 or bf16
-/// are safe, f16 can overflow (the reason for diffusers' `force_upcast`).
+/// SD3's `AutoencoderKL`. Runs in [`layers::compute_dtype`] (inputs are cast): f32 on the CPU;
+/// on a GPU the weights' dtype, where f32 or bf16 are safe and f16 can overflow (the reason for
+/// diffusers' `force_upcast`).
 #[derive(Debug, Clone)]
 pub struct AutoencoderKl {
     encoder: Encoder,
@@ -428,12 +405,11 @@ pub struct AutoencoderKl {
     post_quant_conv: Option<Conv>,
     cfg: AutoencoderKlConfig,
     dtype: DType,
-    tiling: Option<TileConfig>,
 }
 
 impl AutoencoderKl {
     /// Builds from diffusers weight names (`encoder.*`, `decoder.*`, optional
-    /// `quant_conv`/`post_quant_conv`). Tiling is on with [`TileConfig::default`].
+    /// `quant_conv`/`post_quant_conv`).
     pub fn new(cfg: &AutoencoderKlConfig, vb: VarBuilder) -> Result<Self> {
         let lc = cfg.latent_channels;
         let quant_conv =
@@ -446,19 +422,8 @@ impl AutoencoderKl {
             quant_conv,
             post_quant_conv,
             cfg: cfg.clone(),
-            dtype: vb.dtype(),
-            tiling: Some(TileConfig::default()),
+            dtype: layers::compute_dtype(vb.dtype(), vb.device()),
         })
-    }
-
-    /// Sets or disables (`None`) tiling for frames larger than one tile.
-    pub fn with_tiling(mut self, tiling: Option<TileConfig>) -> Self {
-        self.tiling = tiling;
-        self
-    }
-
-    pub fn tiling(&self) -> Option<TileConfig> {
-        self.tiling
     }
 
     pub fn config(&self) -> &AutoencoderKlConfig {
@@ -506,20 +471,6 @@ impl AutoencoderKl {
         tiled_decode(z, t, self.cfg.downscale(), |zt| self.decode(zt))
     }
 
-    fn encode_auto(&self, x: &Tensor) -> Result<Posterior> {
-        match self.tiling {
-            Some(t) => self.encode_tiled(x, t),
-            None => self.encode(x),
-        }
-    }
-
-    fn decode_auto(&self, z: &Tensor) -> Result<Tensor> {
-        match self.tiling {
-            Some(t) => self.decode_tiled(z, t),
-            None => self.decode(z),
-        }
-    }
-
     /// Raw latent → model space: `(raw − shift) · scale`.
     pub fn to_model_latent(&self, raw: &Tensor) -> Result<Tensor> {
         (raw - self.cfg.shift())? * self.cfg.scaling_factor
@@ -532,8 +483,11 @@ impl AutoencoderKl {
 }
 
 impl Autoencoder for AutoencoderKl {
-    fn encode_latent(&self, image: &Tensor, draw: &LatentDraw) -> Result<Tensor> {
-        let p = self.encode_auto(image)?;
+    fn encode_latent(&self, image: &Tensor, draw: &LatentDraw, tiles: Option<TileConfig>) -> Result<Tensor> {
+        let p = match tiles {
+            Some(t) => self.encode_tiled(image, t)?,
+            None => self.encode(image)?,
+        };
         let raw = match draw {
             LatentDraw::Mode => p.mode()?,
             LatentDraw::Sample(noise) => p.sample(noise)?,
@@ -541,8 +495,12 @@ impl Autoencoder for AutoencoderKl {
         self.to_model_latent(&raw)
     }
 
-    fn decode_latent(&self, latent: &Tensor) -> Result<Tensor> {
-        self.decode_auto(&self.to_raw_latent(latent)?)
+    fn decode_latent(&self, latent: &Tensor, tiles: Option<TileConfig>) -> Result<Tensor> {
+        let raw = self.to_raw_latent(latent)?;
+        match tiles {
+            Some(t) => self.decode_tiled(&raw, t),
+            None => self.decode(&raw),
+        }
     }
 
     fn downscale(&self) -> usize {
@@ -599,7 +557,7 @@ mod tests {
             serde_json::from_slice(&std::fs::read(dir.join("config.json")).expect("sd3_vae/config.json")).unwrap();
         let cfg: AutoencoderKlConfig = serde_json::from_value(cfg["library_config"].clone()).unwrap();
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join("weights.safetensors")], DType::F32, dev)? };
-        Ok(AutoencoderKl::new(&cfg, vb)?.with_tiling(None))
+        AutoencoderKl::new(&cfg, vb)
     }
 
     /// With a halo as large as the frame every tile sees the whole frame (GroupNorm statistics

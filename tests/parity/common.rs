@@ -95,10 +95,10 @@ impl Case {
         }
     }
 
-    /// A float32 VarBuilder over a component's weight file.
+    /// A float32 VarBuilder over a component's weight file, through the model loader's path.
     pub fn var_builder(&self, component: &str) -> Result<VarBuilder<'static>> {
         let path = self.weight_path(component);
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &Device::Cpu) }
+        let vb = gstdpir::model::loader::var_builder_from_files(&[path.clone()], DType::F32, &Device::Cpu)
             .with_context(|| format!("loading {}", path.display()))?;
         Ok(vb)
     }

@@ -3,18 +3,19 @@
 //! element uses** (`DpirEngine`, from a model directory holding the case's components) with the
 //! fixture's initial noise passed in. Per-step debug tensors are compared with
 //! DPIR_PARITY_VERBOSE (not enforced).
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, ensure};
 use candle_core::{Device, Tensor};
+use gstdpir::engine::dpir::DpirEngine;
 use gstdpir::engine::{
-    ClipReason, ColorFix, DeviceSpec, EngineSettings, FrameContext, Image, LqLatent, Precision, RestoreEngine,
+    ClipReason, ColorFix, DeviceSpec, EngineSettings, Frame, FrameContext, LqLatent, Pixels, Precision, RestoreEngine,
     StreamInfo, TilingMode,
 };
 use gstdpir::model::color_fix::color_fix_uint8;
 use gstdpir::model::pipeline::{DpirPipeline, SamplerOptions, postprocess_uint8};
 use gstdpir::model::tiling::LatentTiling;
-use gstdpir::restorer::DpirEngine;
 use serde_json::{Value, json};
 
 use crate::common::{Case, E2E_FLOAT, FLOAT, Produced, T5_FLOAT, Tol, UINT8, diff_stats, produced};
@@ -98,15 +99,17 @@ pub fn run(case: &Case) -> Result<Vec<Produced>> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     ensure!(engine.sampler().steps == steps, "the engine runs {} steps, the case {steps}", engine.sampler().steps);
     // The frame as the element hands it over: 8-bit values / 255.
-    let frame = Image {
-        width: w,
-        height: h,
-        data: lq_u8.flatten_all()?.to_vec1::<u8>()?.into_iter().map(|v| v as f32 / 255.0).collect(),
+    let frame = Frame { width: w, height: h, pixels: Pixels::Rgb8(lq_u8.flatten_all()?.to_vec1::<u8>()?) };
+    let ctx = FrameContext {
+        index: 0,
+        clip_index: 0,
+        position: 0,
+        new_clip: Some(ClipReason::Start),
+        prompt,
+        cancel: Default::default(),
     };
-    let ctx =
-        FrameContext { index: 0, clip_index: 0, new_clip: Some(ClipReason::Start), prompt, cancel: Default::default() };
     let init = case.io_f32("initial_latents")?;
-    let (image, trace) = engine.restore_traced(&frame, &ctx, Some(&init)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (image, trace) = engine.restore_traced(frame, &ctx, Some(&init)).map_err(|e| anyhow::anyhow!("{e}"))?;
 
     // The element writes the float result rounded; the official script quantises the decoded
     // image (round), colour-fixes it and truncates. Rounding then truncating can each move a
@@ -114,7 +117,8 @@ pub fn run(case: &Case) -> Result<Vec<Produced>> {
     // (measured: max 1, mean 0.444).
     let want = case.io("image_wavelet_fixed_uint8")?.flatten_all()?.to_vec1::<u8>()?;
     let (mut worst, mut sum) = (0f32, 0f64);
-    for (o, &e) in image.data.iter().zip(&want) {
+    for (i, &e) in want.iter().enumerate() {
+        let o = image.pixel((i / 3) % w, i / 3 / w)[i % 3];
         let d = ((o.clamp(0.0, 1.0) * 255.0).round() - e as f32).abs();
         worst = worst.max(d);
         sum += d as f64;
@@ -128,19 +132,22 @@ pub fn run(case: &Case) -> Result<Vec<Produced>> {
     // Sampling from the stored prompt isolates the sampler from prompt assembly.
     let model = engine.model().clone();
     let pipe = DpirPipeline::new(&model.transformer, model.autoencoder.as_ref(), model.scheduler());
-    let opts = SamplerOptions { steps, guidance_scale: 1.0, tiling: None };
+    let opts = SamplerOptions { steps, guidance_scale: 1.0, tiling: None, autoencoder_tiles: None };
     let mut trace_steps: Vec<(Tensor, f32, Tensor, Tensor)> = Vec::new();
-    let stored = pipe.denoise(
-        &trace.z_lq,
-        &init,
-        &case.io_f32("prompt_embeds")?,
-        &case.io_f32("pooled_prompt_embeds")?,
-        &opts,
-        &mut |s| {
-            trace_steps.push((s.model_input.clone(), s.timestep, s.velocity.clone(), s.latents.clone()));
-            Ok(())
-        },
-    )?;
+    let stored = pipe
+        .denoise(
+            &trace.z_lq,
+            &init,
+            &case.io_f32("prompt_embeds")?,
+            &case.io_f32("pooled_prompt_embeds")?,
+            &opts,
+            0,
+            &mut |s| {
+                trace_steps.push((s.model_input.clone(), s.timestep, s.velocity.clone(), s.latents.clone()));
+                ControlFlow::Continue(())
+            },
+        )?
+        .context("sampling stopped")?;
     ensure!(trace_steps.len() == steps, "expected {steps} step callbacks, got {}", trace_steps.len());
     ensure!(diff_stats(&stored, &case.io("final_latents")?)?.0 <= 2e-4, "sampling from the stored prompt drifts");
     if verbose {
@@ -172,7 +179,11 @@ pub fn run(case: &Case) -> Result<Vec<Produced>> {
     // checks of the paths the fixture does not cover (finite, right shape).
     for (tiling, g) in [(Some(LatentTiling { tile: 8, overlap: 4, batch: 3 }), 1.0), (None, 2.0)] {
         let o = SamplerOptions { tiling, guidance_scale: g, ..opts.clone() };
-        let x = pipe.denoise(&trace.z_lq, &init, &trace.prompt_embeds, &trace.pooled, &o, &mut |_| Ok(()))?;
+        let x =
+            pipe.denoise(&trace.z_lq, &init, &trace.prompt_embeds, &trace.pooled, &o, 0, &mut |_| {
+                ControlFlow::Continue(())
+            })?
+            .context("sampling stopped")?;
         ensure!(x.dims() == init.dims(), "tiled/guided sampling changed the shape");
         let m = x.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         ensure!(m.is_finite(), "tiled/guided sampling is not finite");

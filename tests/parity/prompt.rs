@@ -5,8 +5,8 @@ use anyhow::{Result, ensure};
 use candle_core::{Device, Tensor};
 use gstdpir::model::clip::{ClipVisionConfig, ClipVisionModel};
 use gstdpir::model::preprocess::RgbImage;
-use gstdpir::model::prompt::{DualPromptEncoder, ImagePromptEncoder, PromptConfig, TilingMode, assemble};
-use gstdpir::model::t5::{T5EncoderModel, T5Tokenizer, TextEncoder, t5_config};
+use gstdpir::model::prompt::{ImagePromptEncoder, PromptConfig, TilingMode, assemble};
+use gstdpir::model::t5::{T5Config, T5Encoder, T5Tokenizer, TextEncoder};
 
 use crate::common::{Case, FLOAT, Produced, T5_FLOAT, Tol, produced};
 
@@ -17,7 +17,7 @@ fn usize_or(case: &Case, ptr: &str, default: usize) -> usize {
 
 pub fn run(case: &Case) -> Result<Vec<Produced>> {
     let tower = |name: &str| -> Result<ClipVisionModel> {
-        ClipVisionModel::new(&ClipVisionConfig::from_json(case.library_config(name)?)?, case.var_builder(name)?)
+        Ok(ClipVisionModel::new(&ClipVisionConfig::from_json(case.library_config(name)?)?, case.var_builder(name)?)?)
     };
     let d = PromptConfig::default();
     let cfg = PromptConfig {
@@ -32,9 +32,9 @@ pub fn run(case: &Case) -> Result<Vec<Produced>> {
     let prompt = case.cfg("/prompt")?.as_str().unwrap_or_default().to_string();
     crate::t5::check_tokenizer(case, std::slice::from_ref(&prompt), "t5_input_ids")?;
     let rel = case.cfg("/tokenizer_files/tokenizer_json")?.as_str().unwrap_or_default();
-    let t5cfg = t5_config(case.library_config("text_encoder_three")?)?;
-    let mut text = TextEncoder::new(
-        T5EncoderModel::load(case.var_builder("text_encoder_three")?, &t5cfg)?,
+    let t5cfg: T5Config = serde_json::from_value(case.library_config("text_encoder_three")?.clone())?;
+    let text = TextEncoder::new(
+        T5Encoder::new(&t5cfg, case.var_builder("text_encoder_three")?)?,
         T5Tokenizer::from_file(case.dir.join(rel), t5_len)?,
         Device::Cpu,
     );
@@ -53,12 +53,7 @@ pub fn run(case: &Case) -> Result<Vec<Produced>> {
     let t5 = text.embed(&prompt)?;
     let g = image.global_prompt(&global)?;
     let l = image.local_prompt(&patch)?;
-    let mut pe = assemble(&l, &g, &t5, image.config.clip_tokens)?;
-    if lq_case {
-        // The one-call path the pipeline uses (local patch = global image = LQ).
-        let mut dual = DualPromptEncoder { image, text };
-        pe = dual.encode_lq(&patch, &prompt)?;
-    }
+    let pe = assemble(&l, &g, &t5, image.config.clip_tokens)?;
     let n_tiles = case.io("tile_boxes_raw")?.dim(0)?;
     ensure!(g.tiles.len() == n_tiles, "{} tiles, expected {n_tiles}", g.tiles.len());
 

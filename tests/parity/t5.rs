@@ -1,7 +1,7 @@
 //! `t5_encoder`: T5 v1.1 encoder without attention mask, plus the tokenizer.
 use anyhow::{Result, ensure};
 use candle_core::DType;
-use gstdpir::model::t5::{T5EncoderModel, T5Tokenizer, t5_config};
+use gstdpir::model::t5::{T5Config, T5Encoder, T5Tokenizer};
 
 use crate::common::{Case, Produced, T5_FLOAT, produced};
 
@@ -20,8 +20,8 @@ pub fn check_tokenizer(case: &Case, prompts: &[String], ids_name: &str) -> Resul
 pub fn run(case: &Case) -> Result<Vec<Produced>> {
     let prompts: Vec<String> = serde_json::from_value(case.cfg("/prompts")?.clone())?;
     check_tokenizer(case, &prompts, "input_ids")?;
-    let cfg = t5_config(case.library_config("text_encoder_three")?)?;
-    let mut model = T5EncoderModel::load(case.var_builder("text_encoder_three")?, &cfg)?;
+    let cfg: T5Config = serde_json::from_value(case.library_config("text_encoder_three")?.clone())?;
+    let model = T5Encoder::new(&cfg, case.var_builder("text_encoder_three")?)?;
     let ids = case.io("input_ids")?.to_dtype(DType::U32)?;
     let out = model.forward(&ids)?;
     Ok(vec![produced("last_hidden_state", out, T5_FLOAT)])

@@ -18,9 +18,9 @@ pub fn run(case: &Case) -> Result<Vec<Produced>> {
     let decoded = taesd.decode(&case.io_f32("latent")?)?;
 
     let x_pm1 = ((&x * 2.0)? - 1.0)?;
-    let z_trait = taesd.encode_latent(&x_pm1, &LatentDraw::Mode)?;
+    let z_trait = taesd.encode_latent(&x_pm1, &LatentDraw::Mode, Some(Default::default()))?;
     ensure!(diff_stats(&z_trait, &latent)?.0 < 1e-5, "trait encode differs");
-    let d_trait = ((taesd.decode_latent(&case.io_f32("latent")?)? + 1.0)? * 0.5)?;
+    let d_trait = ((taesd.decode_latent(&case.io_f32("latent")?, Some(Default::default()))? + 1.0)? * 0.5)?;
     ensure!(diff_stats(&d_trait, &decoded)?.0 < 1e-5, "trait decode differs");
 
     Ok(vec![produced("latent", latent, FLOAT), produced("decoded_unclamped", decoded, FLOAT)])

@@ -18,9 +18,9 @@ pub fn run(case: &Case) -> Result<Vec<Produced>> {
     let z_mode = vae.to_model_latent(&post.mode()?)?;
 
     // The trait path must agree with the explicit one (tiling is a no-op at this size).
-    let z_trait = vae.encode_latent(&image, &LatentDraw::Mode)?;
+    let z_trait = vae.encode_latent(&image, &LatentDraw::Mode, Some(Default::default()))?;
     ensure!(diff_stats(&z_trait, &z_mode)?.0 == 0.0, "trait encode differs from encode()");
-    let z_sample = vae.encode_latent(&image, &LatentDraw::Sample(noise.clone()))?;
+    let z_sample = vae.encode_latent(&image, &LatentDraw::Sample(noise.clone()), Some(Default::default()))?;
     let expect_sample = vae.to_model_latent(&post.sample(&noise)?)?;
     ensure!(diff_stats(&z_sample, &expect_sample)?.0 == 0.0, "trait sample differs");
 

@@ -1,8 +1,10 @@
-//! Where clips start, on the element side: scene cuts found from the frames themselves, the
-//! length cap, application requests and prompt changes. The engine computes the text and
-//! global visual prompts once per clip (see [`crate::cache`]) and reuses them for every frame
-//! of it; the same segmentation runs alone in the element's `analyse-only` mode (a fast
-//! pre-pass for splitting a film into chunks on clip boundaries).
+//! The clip policy, in one place: where clips start (scene cuts found from the frames
+//! themselves, the length cap, application requests, prompt changes), each frame's position in
+//! its clip, and which prompt is in force ([`PromptSource`]: the `prompt` property, the
+//! stream's tags, an application's `dpir-clip` event). The engine follows it: it computes the
+//! text and global visual prompts once per clip ([`crate::engine::clip_state`]) and draws noise
+//! by clip and position. The same segmentation runs alone in the element's `analyse-only` mode
+//! (a fast pre-pass for splitting a film into chunks on clip boundaries).
 //!
 //! # Scene cuts
 //!
@@ -26,7 +28,7 @@
 //! correlation: two flat frames compare by colour alone, a flat frame and a structured one are
 //! a full structure change.
 
-use crate::engine::{ClipReason, Image};
+use crate::engine::{ClipReason, Frame};
 
 /// Default frame difference above which a scene cut is declared (see the module notes).
 pub const DEFAULT_SCENE_THRESHOLD: f64 = 0.45;
@@ -76,7 +78,7 @@ struct Signature {
 }
 
 impl Signature {
-    fn of(img: &Image) -> Self {
+    fn of(img: &Frame) -> Self {
         let n = THUMB * SUB;
         let mut thumb = vec![0f32; THUMB * THUMB];
         let mut hist = vec![0f32; 3 * BINS];
@@ -91,10 +93,9 @@ impl Signature {
         let per_sample = 1.0 / (n * n) as f32;
         for gy in 0..n {
             let y = y0 + ((2 * gy + 1) * h) / (2 * n);
-            let row = &img.data[y * img.width * 3..(y + 1) * img.width * 3];
             for gx in 0..n {
                 let x = x0 + ((2 * gx + 1) * w) / (2 * n);
-                let (r, g, b) = (row[3 * x], row[3 * x + 1], row[3 * x + 2]);
+                let [r, g, b] = img.pixel(x, y);
                 let luma = 0.299 * r + 0.587 * g + 0.114 * b;
                 thumb[(gy / SUB) * THUMB + gx / SUB] += luma * per_cell;
                 for (c, v) in [r, g, b].into_iter().enumerate() {
@@ -131,7 +132,7 @@ impl Signature {
 /// (up to a third of the frame on each side) whose sampled luma stays below [`BLACK`] are bars.
 /// Bars are identical in every frame: left in, they would dominate the statistics (a cut
 /// between two letterboxed shots would keep half its correlation).
-fn active_area(img: &Image) -> (usize, usize, usize, usize) {
+fn active_area(img: &Frame) -> (usize, usize, usize, usize) {
     let (w, h) = (img.width, img.height);
     let luma = |x: usize, y: usize| {
         let [r, g, b] = img.pixel(x, y);
@@ -156,7 +157,43 @@ fn active_area(img: &Image) -> (usize, usize, usize, usize) {
     (x0, x1, y0, y1)
 }
 
-/// Decides, frame by frame, which clip a frame belongs to.
+/// Which prompt is in force: an application's `dpir-clip` event prompt (until another event
+/// sets one), else the `prompt` property, else the stream's description/title tag
+/// (`tags-as-prompt`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PromptSource {
+    event: Option<String>,
+    tag: Option<String>,
+}
+
+impl PromptSource {
+    /// The stream's description/title tag (the element passes it only with `tags-as-prompt`).
+    pub fn set_tag(&mut self, tag: Option<String>) {
+        self.tag = tag;
+    }
+
+    /// The prompt in force, given the `prompt` property's value.
+    pub fn resolve(&self, property: &str) -> String {
+        if let Some(e) = &self.event {
+            return e.clone();
+        }
+        if property.is_empty() { self.tag.clone().unwrap_or_default() } else { property.to_string() }
+    }
+}
+
+/// Where a frame is: its clip, its position in it, why the clip started (on its first frame),
+/// the prompt in force and the frame difference measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipPosition {
+    pub clip_index: u64,
+    pub position: u64,
+    pub reason: Option<ClipReason>,
+    pub prompt: String,
+    /// The scene-cut statistic against the previous frame (0 for the first).
+    pub difference: f64,
+}
+
+/// Decides, frame by frame, which clip a frame belongs to and which prompt it gets.
 #[derive(Debug)]
 pub struct ClipTracker {
     settings: ClipTrackerSettings,
@@ -169,10 +206,7 @@ pub struct ClipTracker {
     last: Option<Signature>,
     last_prompt: Option<String>,
     pending: Option<ClipRequest>,
-    /// Prompt set by the last `dpir-clip` event, overriding the element's prompt.
-    event_prompt: Option<String>,
-    /// Last measured frame difference (for logs and tests).
-    pub last_distance: f64,
+    pub prompts: PromptSource,
 }
 
 impl ClipTracker {
@@ -186,8 +220,7 @@ impl ClipTracker {
             last: None,
             last_prompt: None,
             pending: None,
-            event_prompt: None,
-            last_distance: 0.0,
+            prompts: PromptSource::default(),
         }
     }
 
@@ -204,29 +237,24 @@ impl ClipTracker {
         self.pending = Some(req);
     }
 
-    /// The prompt in force: the last clip event's, else `prompt`.
-    pub fn effective_prompt(&self, prompt: &str) -> String {
-        self.event_prompt.clone().unwrap_or_else(|| prompt.to_string())
-    }
-
-    /// Classify a frame: returns its clip index, and the reason if it starts a new clip.
-    pub fn observe(&mut self, img: &Image, prompt: &str) -> (u64, Option<ClipReason>) {
-        let sig = Signature::of(img);
+    /// Place a frame: its clip, position and prompt, given the `prompt` property's value now.
+    pub fn observe(&mut self, frame: &Frame, property_prompt: &str) -> ClipPosition {
+        let sig = Signature::of(frame);
         let mut reason = None;
         if let Some(req) = self.pending.take() {
             if req.prompt.is_some() {
-                self.event_prompt = req.prompt;
+                self.prompts.event = req.prompt;
             }
             reason = Some(ClipReason::Event);
         }
-        let prompt = self.effective_prompt(prompt);
-        self.last_distance = self.last.as_ref().map(|l| l.distance(&sig)).unwrap_or(0.0);
+        let prompt = self.prompts.resolve(property_prompt);
+        let difference = self.last.as_ref().map(|l| l.distance(&sig)).unwrap_or(0.0);
         if !self.started {
             reason = Some(ClipReason::Start);
         } else if reason.is_none() {
             if self.last_prompt.as_deref() != Some(prompt.as_str()) {
                 reason = Some(ClipReason::Prompt);
-            } else if self.last_distance > self.settings.scene_threshold {
+            } else if difference > self.settings.scene_threshold {
                 reason = Some(ClipReason::SceneCut);
             } else if self.settings.clip_max_frames > 0 && self.frames_in_clip >= self.settings.clip_max_frames as u64 {
                 reason = Some(ClipReason::MaxFrames);
@@ -240,23 +268,27 @@ impl ClipTracker {
             self.any_clip = true;
             self.frames_in_clip = 0;
         }
+        let position = self.frames_in_clip;
         self.frames_in_clip += 1;
         self.last = Some(sig);
-        self.last_prompt = Some(prompt);
-        (self.clip_index, reason)
+        self.last_prompt = Some(prompt.clone());
+        ClipPosition { clip_index: self.clip_index, position, reason, prompt, difference }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Pixels;
 
-    fn flat(w: usize, h: usize, rgb: [f32; 3]) -> Image {
-        let mut img = Image::new(w, h);
-        for p in img.data.chunks_mut(3) {
-            p.copy_from_slice(&rgb);
-        }
-        img
+    fn flat(w: usize, h: usize, rgb: [f32; 3]) -> Frame {
+        Frame { width: w, height: h, pixels: Pixels::RgbF32(rgb.repeat(w * h)) }
+    }
+
+    /// `(clip, reason)` of a frame.
+    fn see(t: &mut ClipTracker, f: &Frame, prompt: &str) -> (u64, Option<ClipReason>) {
+        let p = t.observe(f, prompt);
+        (p.clip_index, p.reason)
     }
 
     #[test]
@@ -264,43 +296,43 @@ mod tests {
         let mut t = ClipTracker::new(ClipTrackerSettings::default());
         let a = flat(64, 48, [0.2, 0.3, 0.4]);
         let b = flat(64, 48, [0.9, 0.1, 0.1]);
-        assert_eq!(t.observe(&a, ""), (0, Some(ClipReason::Start)));
-        assert_eq!(t.observe(&a, ""), (0, None));
-        assert_eq!(t.observe(&b, ""), (1, Some(ClipReason::SceneCut)));
-        assert_eq!(t.observe(&b, ""), (1, None));
+        assert_eq!(see(&mut t, &a, ""), (0, Some(ClipReason::Start)));
+        assert_eq!(see(&mut t, &a, ""), (0, None));
+        assert_eq!(see(&mut t, &b, ""), (1, Some(ClipReason::SceneCut)));
+        assert_eq!(see(&mut t, &b, ""), (1, None));
     }
 
     #[test]
     fn max_frames_and_an_event_start_clips() {
         let mut t = ClipTracker::new(ClipTrackerSettings { clip_max_frames: 2, ..Default::default() });
         let a = flat(16, 16, [0.5; 3]);
-        assert_eq!(t.observe(&a, "x").1, Some(ClipReason::Start));
-        assert_eq!(t.observe(&a, "x").1, None);
-        assert_eq!(t.observe(&a, "x").1, Some(ClipReason::MaxFrames));
+        assert_eq!(see(&mut t, &a, "x").1, Some(ClipReason::Start));
+        assert_eq!(see(&mut t, &a, "x").1, None);
+        assert_eq!(see(&mut t, &a, "x").1, Some(ClipReason::MaxFrames));
         t.request(ClipRequest { prompt: Some("film".into()) });
-        assert_eq!(t.observe(&a, "x"), (2, Some(ClipReason::Event)));
-        assert_eq!(t.effective_prompt("x"), "film");
-        assert_eq!(t.observe(&a, "x").1, None);
+        let p = t.observe(&a, "x");
+        assert_eq!((p.clip_index, p.reason, p.prompt.as_str()), (2, Some(ClipReason::Event), "film"));
+        assert_eq!(see(&mut t, &a, "x").1, None);
     }
 
     #[test]
     fn a_prompt_change_starts_a_clip_and_an_unchanged_prompt_does_not() {
         let mut t = ClipTracker::new(ClipTrackerSettings::default());
         let a = flat(16, 16, [0.5; 3]);
-        assert_eq!(t.observe(&a, "a street"), (0, Some(ClipReason::Start)));
-        assert_eq!(t.observe(&a, "a street"), (0, None));
-        assert_eq!(t.observe(&a, "a racing car"), (1, Some(ClipReason::Prompt)));
-        assert_eq!(t.observe(&a, "a racing car"), (1, None));
+        assert_eq!(see(&mut t, &a, "a street"), (0, Some(ClipReason::Start)));
+        assert_eq!(see(&mut t, &a, "a street"), (0, None));
+        assert_eq!(see(&mut t, &a, "a racing car"), (1, Some(ClipReason::Prompt)));
+        assert_eq!(see(&mut t, &a, "a racing car"), (1, None));
         // An event's prompt overrides the element's: switching to it is an event, not a prompt
         // change; then the element's prompt changing underneath it changes nothing.
         t.request(ClipRequest { prompt: Some("a crowd".into()) });
-        assert_eq!(t.observe(&a, "a racing car"), (2, Some(ClipReason::Event)));
-        assert_eq!(t.observe(&a, "something else"), (2, None));
+        assert_eq!(see(&mut t, &a, "a racing car"), (2, Some(ClipReason::Event)));
+        assert_eq!(see(&mut t, &a, "something else"), (2, None));
     }
 
     /// A frame with structure: diagonal stripes and a bright square at `(ox, oy)`.
-    fn textured(w: usize, h: usize, ox: usize, oy: usize, gain: f32) -> Image {
-        let mut img = Image::new(w, h);
+    fn textured(w: usize, h: usize, ox: usize, oy: usize, gain: f32) -> Frame {
+        let mut data = vec![0f32; w * h * 3];
         for y in 0..h {
             for x in 0..w {
                 let mut v = 0.3 + 0.2 * (((x + 2 * y) / 6) % 2) as f32;
@@ -308,34 +340,50 @@ mod tests {
                     v = 0.9;
                 }
                 let i = (y * w + x) * 3;
-                img.data[i..i + 3].copy_from_slice(&[v * gain, v * gain * 0.9, v * gain * 0.8]);
+                data[i..i + 3].copy_from_slice(&[v * gain, v * gain * 0.9, v * gain * 0.8]);
             }
         }
-        img
+        Frame { width: w, height: h, pixels: Pixels::RgbF32(data) }
     }
 
     #[test]
     fn exposure_flicker_is_not_a_cut_but_new_structure_is() {
         let mut t = ClipTracker::new(ClipTrackerSettings::default());
-        assert_eq!(t.observe(&textured(96, 64, 8, 8, 1.0), "").1, Some(ClipReason::Start));
+        assert_eq!(see(&mut t, &textured(96, 64, 8, 8, 1.0), "").1, Some(ClipReason::Start));
         // Archival flicker: the same picture 15 % darker, then back.
-        assert_eq!(t.observe(&textured(96, 64, 8, 8, 0.85), "").1, None);
-        assert!(t.last_distance < 0.3, "flicker scored {}", t.last_distance);
-        assert_eq!(t.observe(&textured(96, 64, 8, 8, 1.0), "").1, None);
+        let p = t.observe(&textured(96, 64, 8, 8, 0.85), "");
+        assert_eq!(p.reason, None);
+        assert!(p.difference < 0.3, "flicker scored {}", p.difference);
+        assert_eq!(see(&mut t, &textured(96, 64, 8, 8, 1.0), "").1, None);
         // Small motion of the square: same shot.
-        assert_eq!(t.observe(&textured(96, 64, 11, 9, 1.0), "").1, None);
+        assert_eq!(see(&mut t, &textured(96, 64, 11, 9, 1.0), "").1, None);
         // A flat frame (black) after a structured one, and back: two cuts.
-        assert_eq!(t.observe(&flat(96, 64, [0.0; 3]), ""), (1, Some(ClipReason::SceneCut)));
-        assert_eq!(t.observe(&textured(96, 64, 60, 40, 1.0), ""), (2, Some(ClipReason::SceneCut)));
+        assert_eq!(see(&mut t, &flat(96, 64, [0.0; 3]), ""), (1, Some(ClipReason::SceneCut)));
+        assert_eq!(see(&mut t, &textured(96, 64, 60, 40, 1.0), ""), (2, Some(ClipReason::SceneCut)));
+    }
+
+    #[test]
+    fn positions_count_from_each_clip_start_and_tags_prompt_only_an_empty_property() {
+        let mut t = ClipTracker::new(ClipTrackerSettings { clip_max_frames: 2, ..Default::default() });
+        let a = flat(16, 16, [0.5; 3]);
+        t.prompts.set_tag(Some("a title".into()));
+        let ps: Vec<(u64, u64, String)> =
+            (0..5).map(|_| t.observe(&a, "")).map(|p| (p.clip_index, p.position, p.prompt)).collect();
+        let want = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)];
+        for (p, w) in ps.iter().zip(want) {
+            assert_eq!((p.0, p.1), w);
+            assert_eq!(p.2, "a title");
+        }
+        assert_eq!(t.observe(&a, "a street").prompt, "a street");
     }
 
     #[test]
     fn first_clip_index_and_flush_keep_indices_unique() {
         let mut t = ClipTracker::new(ClipTrackerSettings { first_clip_index: 5, ..Default::default() });
         let a = flat(16, 16, [0.5; 3]);
-        assert_eq!(t.observe(&a, ""), (5, Some(ClipReason::Start)));
-        assert_eq!(t.observe(&a, ""), (5, None));
+        assert_eq!(see(&mut t, &a, ""), (5, Some(ClipReason::Start)));
+        assert_eq!(see(&mut t, &a, ""), (5, None));
         t.reset();
-        assert_eq!(t.observe(&a, ""), (6, Some(ClipReason::Start)));
+        assert_eq!(see(&mut t, &a, ""), (6, Some(ClipReason::Start)));
     }
 }
