@@ -4,7 +4,7 @@
     stills_files.py make SET DIR          SET: formats, orientation, metadata, multipage
     stills_files.py inspect FILE...       JSON, one object per file: pages (size, channels, bits,
                                           compression, ICC digest), tags, quadrant means, ...
-    stills_files.py compare IN OUT        JSON: mean absolute difference (0..1) of the two images
+    stills_files.py compare IN OUT ...    JSON, per pair: mean absolute difference (0..1) of the images
 
 Independent of pipelines/lib/stills.py on purpose: inputs come from Pillow, tifffile, libtiff's
 tiffcp and exiftool, ICC profiles from LittleCMS; outputs are read back with libpng (netpbm's
@@ -295,7 +295,7 @@ def inspect(path):
     icc = subprocess.run(["exiftool", "-b", "-ICC_Profile", path], capture_output=True).stdout
     res = {"file": os.path.basename(path), "type": meta.get("File:FileType"), "pages": [],
            "icc_sha256": hashlib.sha256(icc).hexdigest() if icc else None,
-           "tags": {k: v for k, v in meta.items() if k.split(":")[0] in (
+           "tags": {k: v for k, v in meta.items() if (k.split(":")[0] in (
                "IFD0", "ExifIFD", "IFD1", "XMP-dc", "XMP-tiff", "XMP-exif", "IPTC", "PNG", "PNG-pHYs")
                or k == "File:Comment") and not str(v).startswith("(Binary")}}
     arrays, tops = pixels(path)
@@ -347,7 +347,7 @@ def main(argv):
     elif argv[0] == "inspect":
         print(json.dumps([inspect(p) for p in argv[1:]], ensure_ascii=False))
     elif argv[0] == "compare":
-        print(json.dumps(compare(argv[1], argv[2])))
+        print(json.dumps([compare(a, b) for a, b in zip(argv[1::2], argv[2::2])]))
     else:
         sys.exit(__doc__)
 

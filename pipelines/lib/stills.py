@@ -543,6 +543,13 @@ def check_output(path, kind, expect):
         raise Refused(f"the written file reads back as {got}, not {want}")
 
 
+def output_kind(path, fmt):
+    """('png' or 'tiff', extension) of a still's output."""
+    ext = os.path.splitext(path)[1].lower()
+    kind = fmt if fmt != "auto" else ("tiff" if ext in TIFF_EXTS else "png")
+    return kind, ((ext if ext in TIFF_EXTS else ".tif") if kind == "tiff" else ".png")
+
+
 def restore_still(path, out_dir, fmt, props, scale, taken):
     ext = os.path.splitext(path)[1].lower()
     is_tiff = ext in TIFF_EXTS
@@ -552,11 +559,10 @@ def restore_still(path, out_dir, fmt, props, scale, taken):
             pages, skipped, compression = read_tiff(path, tmpdir)
         else:
             pages, skipped, compression = [read_other(path, meta)], 0, None
-        kind = fmt if fmt != "auto" else ("tiff" if is_tiff else "png")
+        kind, out_ext = output_kind(path, fmt)
         stem = os.path.splitext(os.path.basename(path))[0]
-        if taken.get(stem.lower(), 0) > 1:  # a.jpg and a.png: a-jpg.png and a-png.png
+        if taken[(stem.lower(), out_ext)] > 1:  # a.jpg and a.png: a-jpg.png and a-png.png
             stem = f"{stem}-{ext[1:]}"
-        out_ext = (ext if is_tiff else ".tif") if kind == "tiff" else ".png"
         notes, results = [], []
         for page in pages:
             shown = orient(page.pixels, page.orientation)
@@ -643,15 +649,19 @@ def main(argv):
                      "(Debian libimage-exiftool-perl, libtiff-tools)")
     Gst.init(None)
     scale = check_props(props)
+    if not os.path.isdir(in_dir):
+        sys.exit(f"restore-stills: ERROR: {in_dir} is not a folder")
     files = sorted(os.path.join(in_dir, f) for f in os.listdir(in_dir)
                    if f.lower().endswith(EXTS) and not f.startswith("."))
     if not files:
         sys.exit(f"restore-stills: no stills ({', '.join(e[1:] for e in EXTS)}) in {in_dir}")
+    if os.path.exists(out_dir) and os.path.samefile(in_dir, out_dir):
+        sys.exit("restore-stills: ERROR: OUT_DIR is IN_DIR: the outputs would replace the originals")
     os.makedirs(out_dir, exist_ok=True)
-    taken = {}
+    taken = {}  # (stem, output extension) -> how many inputs would write it
     for f in files:
-        stem = os.path.splitext(os.path.basename(f))[0].lower()
-        taken[stem] = taken.get(stem, 0) + 1
+        key = (os.path.splitext(os.path.basename(f))[0].lower(), output_kind(f, fmt)[1])
+        taken[key] = taken.get(key, 0) + 1
     failed = []
     for f in files:
         print(f"== {f}", flush=True)
