@@ -682,4 +682,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:  # the temporary folder is gone by now; finished outputs stay
+        sys.exit("restore-stills: interrupted")
