@@ -163,52 +163,7 @@ fn ges_effect_renders_every_frame_of_the_clip_restored() {
     assert_eq!(same, 0, "{same} frames came out of GES unrestored");
 }
 
-/// Width, height and bit depth from a PNG's header.
-fn png_header(path: &std::path::Path) -> (u32, u32, u8) {
-    let b = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "{} is not a PNG", path.display());
-    (u32::from_be_bytes(b[16..20].try_into().unwrap()), u32::from_be_bytes(b[20..24].try_into().unwrap()), b[24])
-}
-
-/// `pipelines/restore-stills.sh` on a folder holding the real grayscale 1927 scan (which
-/// GStreamer 1.22's jpegdec cannot decode: it warns and ends with no frame), a photo, a 16-bit
-/// PNG and a broken file: three complete PNGs (the 16-bit one still 16-bit), an error naming
-/// the broken file, exit status 1, and nothing half-written.
-#[test]
-fn stills_script_restores_every_still_completely_or_names_the_one_it_cannot() {
-    let dir = std::env::temp_dir().join(format!("dpir-stills-{}", std::process::id()));
-    let (src, dst) = (dir.join("in"), dir.join("out"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::copy(media("solvay_1927_1024x705.jpg"), src.join("solvay.jpg")).unwrap();
-    std::fs::copy(media("chelsea.png"), src.join("chelsea.png")).unwrap();
-    std::fs::write(src.join("broken.jpg"), b"\xff\xd8\xff\xe0 not really a jpeg").unwrap();
-    let script = |args: &[&str]| {
-        let interpreter = if args[0].ends_with(".py") { "python3" } else { "bash" };
-        std::process::Command::new(interpreter)
-            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines").join(args[0]))
-            .args(&args[1..])
-            .env("GST_PLUGIN_PATH", plugin_dir())
-            .output()
-            .unwrap()
-    };
-    let made = script(&["lib/png16.py", "ramp", "64", "48", src.join("ramp16.png").to_str().unwrap()]);
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    let run = script(&["restore-stills.sh", src.to_str().unwrap(), dst.to_str().unwrap(), "lq-latent=mode"]);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(1), "one still cannot be restored: {stderr}");
-    assert!(stderr.contains("broken.jpg"), "the error names the file: {stderr}");
-    assert_eq!(png_header(&dst.join("solvay.png")), (1024, 705, 8));
-    assert_eq!(png_header(&dst.join("chelsea.png")), (451, 300, 8));
-    assert_eq!(png_header(&dst.join("ramp16.png")), (64, 48, 16), "16-bit in, 16-bit out");
-    let mut left: Vec<String> =
-        std::fs::read_dir(&dst).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    left.sort();
-    assert_eq!(left, ["chelsea.png", "ramp16.png", "solvay.png"], "no partial or empty output");
-    std::fs::remove_dir_all(&dir).ok();
-}
-
-/// `pipelines/lib/launch.py` (what the stills and film scripts run) reports an error that comes
+/// `pipelines/lib/launch.py` (what the film script runs) reports an error that comes
 /// while the pipeline is still starting (jpegparse on a file with no JPEG frame, while
 /// `dpirrestore` loads its model) and exits; GStreamer 1.22's gst-launch-1.0 waited forever on
 /// this about once in 30 runs under load. Twenty runs, each must end within 60 s.
