@@ -667,7 +667,7 @@ impl candle_nn::var_builder::SimpleBackend for WeightSource {
         if t.shape() != &s {
             let file = self.index.get(name).map(|(k, _)| self.files[*k].0.as_str()).unwrap_or("?");
             candle_core::bail!(
-                "{}: tensor `{name}` has shape {:?}, the config implies {:?}",
+                "{}: tensor `{name}` has shape {:?}, expected {:?} (from the component's config)",
                 self.source.path(file),
                 t.dims(),
                 s.dims()
