@@ -602,9 +602,9 @@ fn a_16_bit_ramp_finer_than_one_8_bit_level_survives_the_element() {
     let mut worst = 0f64;
     let mut eight_bit_like = 0;
     for (i, px) in a.iter().enumerate() {
-        for c in 0..3 {
-            worst = worst.max((out.pixel(i % w, i / w)[c] as f64 * 65535.0 - px[c] as f64).abs());
-            eight_bit_like += (px[c] % 257 == 0) as usize;
+        for (&o, &p) in out.pixel(i % w, i / w).iter().zip(px) {
+            worst = worst.max((o as f64 * 65535.0 - p as f64).abs());
+            eight_bit_like += (p % 257 == 0) as usize;
         }
     }
     let n = a.len() * 3;

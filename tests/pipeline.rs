@@ -135,7 +135,7 @@ fn ges_render(effect: Option<&str>, name: &str) -> Vec<u64> {
     let store = capture(&p, "sink", 1000);
     run_pipeline(&p).expect("decoding the GES render");
     std::fs::remove_file(&out).ok();
-    let hashes = store
+    store
         .lock()
         .unwrap()
         .iter()
@@ -145,8 +145,7 @@ fn ges_render(effect: Option<&str>, name: &str) -> Vec<u64> {
             b.map_readable().unwrap().as_slice().hash(&mut h);
             h.finish()
         })
-        .collect();
-    hashes
+        .collect()
 }
 
 /// `dpirrestore` as an effect in an editing application (GES): one second of the 1906 film at

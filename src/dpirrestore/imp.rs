@@ -9,7 +9,8 @@
 //! 2. `state` (with `cond`) — the queue between the streaming thread and the worker, the flow,
 //!    flushing, QoS, an upstream clip request, the duration and the measured latency; held briefly;
 //! 3. `settings` — the properties; held briefly.
-//! (`cancel`, an atomic flag, tells an inference in progress to stop.)
+//!
+//! `cancel`, an atomic flag, tells an inference in progress to stop.
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, LazyLock, Mutex};

@@ -232,8 +232,7 @@ mod tests {
             let tol = 1.0 / ((1u32 << bits.min(8)) - 1) as f32 + 1e-6;
             for (i, p) in src.iter().enumerate() {
                 let want = p.map(|v| v as f32 / 65535.0);
-                for k in 0..3 {
-                    let got = frame.pixel(i % w, i / w)[k];
+                for (k, got) in frame.pixel(i % w, i / w).into_iter().enumerate() {
                     assert!((got - want[k]).abs() <= tol, "{format:?} pixel {i} channel {k}: {got} vs {}", want[k]);
                 }
                 if let Some(a) = &alpha {

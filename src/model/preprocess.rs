@@ -40,7 +40,7 @@ impl RgbImage {
 
     /// As a `[H, W, 3]` u8 tensor.
     pub fn to_hwc_tensor(&self, device: &Device) -> Result<Tensor> {
-        Ok(Tensor::from_vec(self.data.clone(), (self.height, self.width, 3), device)?)
+        Tensor::from_vec(self.data.clone(), (self.height, self.width, 3), device)
     }
 
     /// The sub-image of rows `y0..y1`, columns `x0..x1` (must lie inside the image).
@@ -352,7 +352,7 @@ impl ClipPreprocessConfig {
         for img in imgs {
             self.crop_normalize(&self.resize(img)?, &mut v)?;
         }
-        Ok(Tensor::from_vec(v, (imgs.len(), 3, self.crop_height, self.crop_width), device)?)
+        Tensor::from_vec(v, (imgs.len(), 3, self.crop_height, self.crop_width), device)
     }
 }
 

@@ -98,7 +98,7 @@ impl Case {
     /// A float32 VarBuilder over a component's weight file, through the model loader's path.
     pub fn var_builder(&self, component: &str) -> Result<VarBuilder<'static>> {
         let path = self.weight_path(component);
-        let vb = gstdpir::model::loader::var_builder_from_files(&[path.clone()], DType::F32, &Device::Cpu)
+        let vb = gstdpir::model::loader::var_builder_from_files(std::slice::from_ref(&path), DType::F32, &Device::Cpu)
             .with_context(|| format!("loading {}", path.display()))?;
         Ok(vb)
     }

@@ -9,10 +9,12 @@ macro_rules! dispatch {
         dispatch!($name ($($arg: $ty),*) -> () $body);
     };
     ($name:ident ($($arg:ident : $ty:ty),*) -> $ret:ty $body:block) => {
+        #[allow(clippy::too_many_arguments)]
         pub fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn fast($($arg: $ty),*) -> $ret $body
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU supports the features `fast` was compiled for.
