@@ -2,7 +2,10 @@
 //! checkpoint, `pre_layrnorm` spelling included).
 //!
 //! Written here rather than reusing candle-transformers' CLIP: that one only has QuickGELU and
-//! no `visual_projection`. DPIR needs both activations (B/32: QuickGELU, bigG: exact erf-GELU)
+//! no `visual_projection`. Its linear layers and attention run in the reference's order
+//! ([`layers::Lin::forward_reference`], [`layers::attention_reference`]): the prompts, which every
+//! frame's conditioning depends on, keep the values they had (and that dpir-nano was made with)
+//! whatever the CPU kernels do. DPIR needs both activations (B/32: QuickGELU, bigG: exact erf-GELU)
 //! and both outputs: `last_hidden_state` (encoder output *before* `post_layernorm`) and
 //! `image_embeds = visual_projection(post_layernorm(CLS))` (no bias).
 
@@ -129,8 +132,9 @@ impl Attention {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (q, k, v) = (self.q.forward(xs)?, self.k.forward(xs)?, self.v.forward(xs)?);
-        self.out.forward(&layers::attention(&q, &k, &v, self.heads, self.scale)?)
+        let q = self.q.forward_reference(xs)?;
+        let (k, v) = (self.k.forward_reference(xs)?, self.v.forward_reference(xs)?);
+        self.out.forward_reference(&layers::attention_reference(&q, &k, &v, self.heads, self.scale)?)
     }
 }
 
@@ -158,8 +162,8 @@ impl EncoderLayer {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = (xs + self.attn.forward(&self.ln1.forward(xs)?)?)?;
-        let h = self.act.apply(&self.fc1.forward(&self.ln2.forward(&xs)?)?)?;
-        xs + self.fc2.forward(&h)?
+        let h = self.act.apply(&self.fc1.forward_reference(&self.ln2.forward(&xs)?)?)?;
+        xs + self.fc2.forward_reference(&h)?
     }
 }
 
@@ -235,7 +239,7 @@ impl ClipVisionModel {
             xs = layer.forward(&xs)?;
         }
         let pooled = self.post_layernorm.forward(&xs.narrow(1, 0, 1)?.squeeze(1)?)?;
-        let image_embeds = self.visual_projection.forward(&pooled)?;
+        let image_embeds = self.visual_projection.forward_reference(&pooled)?;
         Ok(ClipVisionOutput { last_hidden_state: xs, pooled, image_embeds })
     }
 }

@@ -216,6 +216,12 @@ impl Lin {
         candle_nn::Linear::new(like(&self.weight, x)?, b).forward(x)
     }
 
+    /// `self(x)` in the reference's order, on every device: the product, then the bias, in
+    /// candle's kernels (the CPU path starts from the bias: the same sum, other roundings).
+    pub fn forward_reference(&self, x: &Tensor) -> Result<Tensor> {
+        self.candle(x)
+    }
+
     /// `gelu_tanh(self(x))`.
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
         if cpu::takes(x)
@@ -310,12 +316,19 @@ pub fn layer_norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64)
 const ATTN_CHUNK_BYTES: usize = 1 << 28;
 
 /// Multi-head attention `softmax(q kᵀ · scale) v` on `[B, N, heads·d]` tensors, returning
-/// `[B, N, heads·d]`: the CPU kernel (heads read in place) or candle's matmuls with the softmax in
-/// f32 and the score matrix chunked (by heads, then query rows) to at most 256 MiB.
+/// `[B, N, heads·d]`: the CPU kernel (heads read in place, the scale applied inside the softmax),
+/// else [`attention_reference`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     if cpu::takes(q) && q.rank() == 3 {
         return cpu::transformer::attention(q, k, v, heads, scale as f32);
     }
+    attention_reference(q, k, v, heads, scale)
+}
+
+/// [`attention`] as the reference (HF, diffusers) computes it, on every device: the query
+/// pre-scaled, `q kᵀ` in candle's matmuls, the softmax in f32; the score matrix chunked (by
+/// heads, then query rows) to at most 256 MiB.
+pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     let (b, n, c) = q.dims3()?;
     let nk = k.dim(1)?;
     if heads == 0 || !c.is_multiple_of(heads) {
@@ -325,30 +338,35 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
     let split = |t: &Tensor, n: usize| t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous();
     let (q, k, v) = (split(&(q * scale)?, n)?, split(k, nk)?, split(v, nk)?);
     let kt = k.t()?;
-    let per_row = b * nk * 4;
-    let rows = (ATTN_CHUNK_BYTES / per_row.max(1)).max(1);
     let one = |q: &Tensor, kt: &Tensor, v: &Tensor| -> Result<Tensor> {
         let s = q.matmul(kt)?.to_dtype(DType::F32)?;
         candle_nn::ops::softmax_last_dim(&s)?.to_dtype(v.dtype())?.matmul(v)
     };
-    let mut outs = Vec::new();
-    for h in 0..heads {
-        let (qh, kh, vh) = (q.narrow(1, h, 1)?, kt.narrow(1, h, 1)?, v.narrow(1, h, 1)?);
-        let mut start = 0;
-        while start < n {
-            let len = rows.min(n - start);
-            outs.push((h, one(&qh.narrow(2, start, len)?, &kh, &vh)?));
-            start += len;
+    // Heads per chunk, and query rows per chunk when one head alone is too large.
+    let per_head = b * n * nk * 4;
+    let head_chunk = (ATTN_CHUNK_BYTES / per_head.max(1)).clamp(1, heads);
+    let rows = (ATTN_CHUNK_BYTES / (b * nk * 4).max(1)).clamp(1, n);
+    let out = if head_chunk == heads {
+        one(&q, &kt, &v)?
+    } else {
+        let mut parts = Vec::new();
+        let mut h0 = 0;
+        while h0 < heads {
+            let hn = head_chunk.min(heads - h0);
+            let (qh, kh, vh) = (q.narrow(1, h0, hn)?, kt.narrow(1, h0, hn)?, v.narrow(1, h0, hn)?);
+            let mut rows_out = Vec::new();
+            let mut r0 = 0;
+            while r0 < n {
+                let rn = rows.min(n - r0);
+                rows_out.push(one(&qh.narrow(2, r0, rn)?, &kh, &vh)?);
+                r0 += rn;
+            }
+            parts.push(Tensor::cat(&rows_out, 2)?);
+            h0 += hn;
         }
-    }
-    // [B, 1, rows, d] pieces → [B, H, N, d] → [B, N, H·d]
-    let per_head: Vec<Tensor> = (0..heads)
-        .map(|h| {
-            let parts: Vec<&Tensor> = outs.iter().filter(|(i, _)| *i == h).map(|(_, t)| t).collect();
-            Tensor::cat(&parts, 2)
-        })
-        .collect::<Result<_>>()?;
-    Tensor::cat(&per_head, 1)?.transpose(1, 2)?.reshape((b, n, c))
+        Tensor::cat(&parts, 1)?
+    };
+    out.transpose(1, 2)?.reshape((b, n, c))
 }
 
 #[cfg(test)]
@@ -438,7 +456,8 @@ mod tests {
                 candle_nn::ops::softmax_last_dim(&s)?.matmul(&split(&v)?)?.transpose(1, 2)?.reshape((b, n, c))?;
             let scale = 1.0 / (d as f64).sqrt();
             assert!(max_diff(&attention(&q, &k, &v, heads, scale)?, &reference)? < 1e-5, "{heads} heads, kernel");
-            // candle's path: f64 activations are not the kernel's
+            // the reference path, and candle's path for activations the kernel does not take (f64)
+            assert!(max_diff(&attention_reference(&q, &k, &v, heads, scale)?, &reference)? < 1e-5, "{heads} heads");
             let (q64, k64, v64) = (q.to_dtype(DType::F64)?, k.to_dtype(DType::F64)?, v.to_dtype(DType::F64)?);
             assert!(max_diff(&attention(&q64, &k64, &v64, heads, scale)?, &reference)? < 1e-5, "{heads} heads, candle");
         }

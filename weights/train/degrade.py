@@ -3,7 +3,7 @@
 degrade(hq_uint8[H,W,3], rng, scale) -> (lq_small_uint8[H/scale,W/scale,3], lq_up_uint8[H,W,3])
 
 lq_up is what the plugin feeds the model: the degraded LQ frame upsampled to the output size with
-PIL-style bicubic on 8-bit values (src/restorer.rs does the same), so train and inference agree.
+PIL-style bicubic on 8-bit values (src/engine/dpir.rs does the same), so train and inference agree.
 Validation uses `rng = np.random.default_rng([seed, index])` (fixed-seed mode, see `fixed_rng`).
 """
 import io

@@ -10,7 +10,7 @@ Per entry, from one clean training photo ($DPIR_DATA/clean/train/*.npy, written 
                      the global visual prompt of the clip / image the frame belongs to
   meta  [N,4] int32  scale, kind (0 video, 1 photo, 2 archival, 3 mild), photo index, region side
 train.py (`dit`/`dec` with --pool v2) takes random 128 crops of hq/lq (the tile being restored), the local prompt
-from the degraded frame (as src/restorer.rs: the whole frame) or the crop, the global prompt from glob.
+from the degraded frame (as src/engine/dpir.rs: the whole frame) or the crop, the global prompt from glob.
 
 Files: $DPIR_DATA/pool_{NAME}_{hq,lq,glob,meta}.npy (NAME: --name, default v2).
 Usage: make_pool_v2.py [--n 8000] [--workers 2] [--name v2] [--kinds mild:0.5,video:0.5] [--scales 1:0.6,2:0.4]

@@ -120,7 +120,7 @@ def _clip_view(u8):
 class PoolV2Dataset(torch.utils.data.IterableDataset):
     """Endless (hq crop, lq_up crop, local prompt image, global prompt image) from make_pool_v2.py's pool:
     DPIR's global-local visual training as the element feeds it. The crop (crop x crop of a 256 frame) is the tile
-    being restored; local prompt = the degraded FRAME (src/restorer.rs: local per frame) with p_local_frame, else
+    being restored; local prompt = the degraded FRAME (src/engine/dpir.rs: local per frame) with p_local_frame, else
     the crop itself; global = the degraded whole photo the frame comes from (the clip's key frame / the image),
     or with p_global_self the frame itself (a still image, where the element's local and global views coincide).
     Prompt images are returned as their 224x224 CLIP views (uint8)."""
