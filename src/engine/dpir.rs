@@ -394,8 +394,8 @@ impl DpirEngine {
             fusion: model.fusion.as_ref(),
             fidelity: self.settings.fidelity,
         };
-        let (fixed, fusion_time) = finish(&decoded, &up.lq, &fin, up.width, up.height)?;
-        let image = tensor_to_image(&fixed)?;
+        let (fixed, fusion_time) = finish(&decoded, &up.lq, &fin)?;
+        let image = tensor_to_image(&fixed, up.width, up.height)?;
         t.fusion = fusion_time;
         t.color_fix = t0.elapsed().saturating_sub(fusion_time);
         probe.stage(6);
@@ -523,9 +523,8 @@ impl RestoreEngine for DpirEngine {
         if self.settings.fidelity >= 1.0 {
             // fidelity=1 asks for the LQ frame itself: the blend would discard the model's output,
             // so the model does not run (the same values as `(1 − 1)·restored + 1·LQ`).
-            let lq = up.lq.narrow(2, 0, up.height)?.narrow(3, 0, up.width)?;
             t.total = t0.elapsed();
-            let image = tensor_to_image(&lq)?;
+            let image = tensor_to_image(&up.lq, up.width, up.height)?;
             return Ok(Restored { image, timings: t, warnings: std::mem::take(&mut self.warnings) });
         }
         let run = match self.run(&up, ctx, None, &mut t) {
@@ -604,10 +603,20 @@ fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
     Ok(t.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?.is_finite())
 }
 
-/// `[1, 3, h, w]` → planes, on the CPU in f32.
-fn tensor_to_image(t: &Tensor) -> candle_core::Result<Image> {
-    let (_, _, h, w) = t.dims4()?;
-    let planes = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+/// `[1, 3, ph, pw]` (padded) → the planes of its top-left `w × h`, on the CPU in f32: one copy
+/// out of the tensor, the padding dropped in place.
+fn tensor_to_image(t: &Tensor, w: usize, h: usize) -> candle_core::Result<Image> {
+    let (_, _, ph, pw) = t.dims4()?;
+    let mut planes = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    if (pw, ph) != (w, h) {
+        for c in 0..3 {
+            for y in 0..h {
+                let src = (c * ph + y) * pw;
+                planes.copy_within(src..src + w, (c * h + y) * w);
+            }
+        }
+        planes.truncate(3 * w * h);
+    }
     Ok(Image { width: w, height: h, planes })
 }
 

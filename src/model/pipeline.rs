@@ -236,12 +236,12 @@ pub struct Finish<'a> {
 }
 
 /// The decoded image (NCHW, about [-1, 1]) finished against the LQ frame (NCHW, [0, 1], the same
-/// padded size) and cropped to `width × height`: clamped to [0, 1] as the official script does
+/// padded size; the caller crops): clamped to [0, 1] as the official script does
 /// (diffusers' postprocess) and colour-fixed on the float values (the official code quantises to
 /// 8 bits in between; 16-bit output keeps them), then the fusion stage (trained on the
 /// colour-fixed output, so after the fix) and the fidelity blend (both in [0, 1]: no clamp).
 /// Returns the image in [0, 1] and the fusion stage's time.
-pub fn finish(decoded: &Tensor, lq: &Tensor, f: &Finish, width: usize, height: usize) -> Result<(Tensor, Duration)> {
+pub fn finish(decoded: &Tensor, lq: &Tensor, f: &Finish) -> Result<(Tensor, Duration)> {
     let out01 = ((decoded + 1.0)? / 2.0)?.clamp(0f32, 1f32)?;
     let fixed = f.color_fix.apply(&out01, lq)?.clamp(0f32, 1f32)?;
     let t = Instant::now();
@@ -251,7 +251,7 @@ pub fn finish(decoded: &Tensor, lq: &Tensor, f: &Finish, width: usize, height: u
     };
     let fusion_time = t.elapsed();
     let fixed = if f.fidelity > 0.0 { ((fixed * (1.0 - f.fidelity))? + (lq * f.fidelity)?)? } else { fixed };
-    Ok((fixed.narrow(2, 0, height)?.narrow(3, 0, width)?, fusion_time))
+    Ok((fixed, fusion_time))
 }
 
 #[cfg(feature = "parity")]
