@@ -545,7 +545,23 @@ fn the_film_joined_with_bikes_keeps_its_audio_and_equals_one_run_in_mkv_and_mp4(
     assert_eq!(decoded_audio(&dir.join("dist.mkv")), audio_in, "the source's audio, losslessly, same start");
     assert_eq!(decoded_audio(reference), audio_in);
 
-    // .mp4: H.264 segments, each chunk encoded by its worker at constant quality and starting with
+    // .mp4 after the .mkv, in the same work directory: nothing is rendered again; the film is
+    // encoded once from the lossless segments with restore-film.sh's encoder chain, so it decodes
+    // to exactly what restore-film.sh's .mp4 decodes to.
+    let mut c = distributed(input, &dir.join("from-mkv.mp4"), &[]);
+    c.args(["--chunk-frames", JOINED_CHUNK_FRAMES, "--work-dir"]).arg(&work);
+    let mp4 = run(c);
+    assert!(mp4.status.success(), "restore-distributed.sh .mp4 after .mkv failed:\n{}", mp4.stderr);
+    assert!(mp4.stdout.contains("resuming: 4 chunks already done, 0 to render"), "the .mkv run's chunks are reused");
+    assert_eq!(video_codec(&dir.join("from-mkv.mp4")), "video/x-h264");
+    assert_same_frames(
+        &decoded_video(&dir.join("from-mkv.mp4")),
+        &decoded_video(joined_single_mp4()),
+        ".mp4 from the lossless segments vs restore-film.sh .mp4",
+    );
+    assert!(!work.exists(), "the work directory is removed after a run without --keep-parts");
+
+    // .mp4 rendered as such: H.264 segments, each chunk encoded by its worker at constant quality and starting with
     // a key frame, joined without decoding: every frame with restore-film.sh's timestamps, at its
     // quality (both x264 at the same CRF), and the source's audio.
     let (dist_mp4, records) = joined_local_mp4();
@@ -553,13 +569,15 @@ fn the_film_joined_with_bikes_keeps_its_audio_and_equals_one_run_in_mkv_and_mp4(
     let single_mp4 = decoded_video(joined_single_mp4());
     let got = decoded_video(dist_mp4);
     assert_eq!(got.len(), JOINED_FRAMES);
-    // Every frame at the source's running time, exactly; restore-film.sh's x264enc puts its decode
-    // times on the frame rate's grid, which moves some frames by up to a third of a millisecond
-    // against Matroska's millisecond times.
+    // Every frame at restore-film.sh's .mp4 running time, and so at the source's: MP4's time scale
+    // (from the frame rate) moves some frames by up to a third of a millisecond against Matroska's
+    // millisecond times, in both alike.
+    let dist_times = running_times(dist_mp4);
+    assert_eq!(dist_times, running_times(joined_single_mp4()), "every frame at restore-film.sh's .mp4 time");
     let source_times = running_times(input);
-    assert_eq!(running_times(dist_mp4), source_times, "every frame at its source running time");
-    for (i, (a, b)) in running_times(joined_single_mp4()).iter().zip(&source_times).enumerate() {
-        assert!(a.nseconds().abs_diff(b.nseconds()) <= 1_000_000, "restore-film.sh's .mp4 frame {i}: {a} vs {b}");
+    assert_eq!(dist_times.len(), source_times.len());
+    for (i, (a, b)) in dist_times.iter().zip(&source_times).enumerate() {
+        assert!(a.nseconds().abs_diff(b.nseconds()) <= 1_000_000, "frame {i} at {a}, in the source at {b}");
     }
     let (dist_q, single_q) = (psnr(&got, &want), psnr(&single_mp4, &want));
     eprintln!(
@@ -571,7 +589,9 @@ fn the_film_joined_with_bikes_keeps_its_audio_and_equals_one_run_in_mkv_and_mp4(
         dist_q.0 >= single_q.0 - 0.5 && dist_q.1 >= single_q.1 - 0.5,
         "the chunked .mp4 ({dist_q:?}) is more than 0.5 dB below restore-film.sh's ({single_q:?})"
     );
-    assert!(!decoded_audio(dist_mp4).1.is_empty(), "the .mp4 keeps the audio");
+    let audio = decoded_audio(dist_mp4);
+    assert!(!audio.1.is_empty(), "the .mp4 keeps the audio");
+    assert_eq!(audio, decoded_audio(joined_single_mp4()), "the audio of restore-film.sh's .mp4, same start");
     let firsts: Vec<u64> = records.iter().map(|r| r["first"].as_u64().unwrap()).collect();
     assert_eq!(firsts, JOINED_CUTS, "one H.264 segment per chunk");
     std::fs::remove_dir_all(&dir).ok();

@@ -204,6 +204,13 @@ def main(argv):
 
     # Resume: a chunk is done when its record and segment agree.
     done, todo, corrupt = planning.scan(work, chunks, kind)
+    from_lossless = False
+    if todo and kind["codec"] == "h264":
+        # The film's lossless segments, all there (an .mkv rendered with --keep-parts): the .mp4 is
+        # encoded from them once rather than rendered again.
+        lossless_done, lossless_todo, _ = planning.scan(work, chunks, planning.segment_kind("mkv"))
+        if not lossless_todo:
+            from_lossless, kind, done, todo, corrupt = True, planning.segment_kind("mkv"), lossless_done, [], []
     for cid in corrupt:
         say(f"chunk {cid + 1}/{len(chunks)}: segment corrupt (checksum), rendering it again")
     for c in todo:
@@ -215,7 +222,8 @@ def main(argv):
     frames_before = sum(chunks[i]["frames"] for i in done)
     say(f"{total} frames, {len(plan['clips'])} clips, {len(chunks)} chunks of about {args.chunk_frames} frames, "
         f"{kind['codec'].upper()} segments"
-        + (f"; resuming: {len(done)} chunks already done, {len(todo)} to render" if resumed else ""))
+        + (f"; resuming: {len(done)} chunks already done, {len(todo)} to render" if resumed else "")
+        + (" (the .mkv's lossless segments: the .mp4 is encoded from them once, here)" if from_lossless else ""))
 
     from .progress import Progress
 
@@ -245,18 +253,27 @@ def main(argv):
         raise Fail(f"the chunks' segments disagree on their format: {sorted(out_caps)}")
     segments = [{"path": os.path.join(work, planning.segment_file(c["id"], kind)), "first": c["first"],
                  "frames": c["frames"]} for c in chunks]
-    from .join import join
+    from .join import encode_once, join
 
-    say(f"joining {len(chunks)} segments into {args.output} (no decoding)"
-        + (" with the source's audio" if has_audio else ""))
-    join_s, join_bytes = join(plan, segments, in_path, tmp_out, container, kind, has_audio, say)
+    if from_lossless:
+        say(f"encoding {args.output} once from {len(chunks)} lossless segments (x264 --crf {args.crf})"
+            + (" with the source's audio" if has_audio else ""))
+        join_s, _ = encode_once(plan, segments, in_path, tmp_out, planning.segment_kind("mp4", args.crf), has_audio,
+                                say, out_caps.pop())
+        how = f"encoded in {join_s:.2f} s"
+    else:
+        say(f"joining {len(chunks)} segments into {args.output} (no decoding)"
+            + (" with the source's audio" if has_audio else ""))
+        delays = [done[c["id"]].get("reorder_depth") for c in chunks]
+        join_s, join_bytes = join(plan, segments, in_path, tmp_out, container, kind, has_audio, say,
+                                  None if None in delays else max(delays))
+        how = f"joined in {join_s:.2f} s ({join_bytes / 1e6:.1f} MB of video)"
     check_interrupted()  # tmp_out is removed by the cleanup: no output
     os.replace(tmp_out, out_path)
     if not args.keep_parts:
         remove_parts(work)
     say(f"done: {args.output}, {total} frames in {len(chunks)} chunks ({len(todo)} rendered, "
-        f"{len(chunks) - len(todo)} resumed), joined in {join_s:.2f} s ({join_bytes / 1e6:.1f} MB of video), "
-        f"{time.monotonic() - t_start:.1f} s in all")
+        f"{len(chunks) - len(todo)} resumed), {how}, {time.monotonic() - t_start:.1f} s in all")
 
 
 def entry():

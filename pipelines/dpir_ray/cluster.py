@@ -89,8 +89,8 @@ def render_chunks(ray, job, chunks, todo, done, args, gpus, resources, progress,
 
     from .worker import ChunkWorker  # by name: the worker process imports it from the shipped package
 
-    slots = len(todo) if args.local else min(len(todo), actor_slots(resources, args.cpus_per_task, gpus))
-    slots = min(slots, args.workers) if args.local else slots
+    # Locally the resources are --workers × --cpus-per-task CPUs (and the machine's GPUs).
+    slots = min(len(todo), actor_slots(resources, args.cpus_per_task, gpus))
     if slots < 1:
         need = f"{gpus} GPU" if gpus else f"{args.cpus_per_task} CPUs"
         raise Fail(f"the Ray cluster has no room for one worker ({need} each): see --cpus-per-task/--gpus-per-task")

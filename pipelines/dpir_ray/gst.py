@@ -19,7 +19,8 @@ from .plan import Fail  # noqa: E402
 # BGRA), 16-bit to 12-bit GBR(A): what avenc_ffv1 takes. restore-film.sh uses the same.
 LOSSLESS_CAPS = "video/x-raw,format={BGRx,BGRA,GBR_12LE,GBRA_12LE}"
 # Bytes per pixel of the formats dpirrestore takes (all packed, one plane).
-BYTES_PER_PIXEL = {"RGB": 3, "RGBA": 4, "RGBx": 4, "BGRx": 4, "BGRA": 4, "RGBA64_LE": 8}
+BYTES_PER_PIXEL = {"RGB": 3, "RGBA": 4, "RGBx": 4, "BGRx": 4, "BGRA": 4, "RGBA64_LE": 8, "RGB10A2_LE": 4,
+                   "BGR10A2_LE": 4}
 
 
 def gst_init():
@@ -106,10 +107,6 @@ def muxer(container):
     return make("matroskamux") if container == "mkv" else make("mp4mux")
 
 
-def demuxer(container):
-    return make("matroskademux") if container == "mkv" else make("qtdemux")
-
-
 def audio_encoder(container):
     """restore-film.sh's audio chain: FLAC in .mkv, AAC in .mp4."""
     return [make("flacenc")] if container == "mkv" else [make("avenc_aac"), make("aacparse")]
@@ -156,6 +153,8 @@ def frame_crc(buf, caps):
     """CRC-32 of a frame's pixel rows (padding excluded: its bytes are not defined)."""
     s = caps.get_structure(0)
     fmt, width, height = s.get_string("format"), s.get_value("width"), s.get_value("height")
+    if fmt not in BYTES_PER_PIXEL:
+        raise Fail(f"dpirrestore took frames in {fmt}, which restore-distributed.sh cannot check")
     row = width * BYTES_PER_PIXEL[fmt]
     meta = GstVideo.buffer_get_video_meta(buf)
     if meta is not None:

@@ -3,7 +3,7 @@ with the film's own timestamps, beside the source's audio decoded and encoded on
 
 import time
 
-from .gst import Gst, audio_encoder, demuxer, error_text, link_chain, make, muxer
+from .gst import Gst, audio_encoder, error_text, link_chain, make, muxer, video_encoder
 from .plan import Fail, Timeline, presentation_ranks, reorder_depth
 
 # Decode timestamps of a stream with B-frames start before its first presentation timestamp; like
@@ -41,16 +41,18 @@ def muxable(caps):
 
 
 class SegmentReader:
-    """The encoded frames of one segment file, in decode order: filesrc ! demuxer ! appsink."""
+    """The encoded frames of one segment file, in decode order: filesrc ! matroskademux ! appsink
+    (with `decoder`, an element factory name, between them: its decoded frames)."""
 
-    def __init__(self, path, container):
+    def __init__(self, path, decoder=None):
         self.path = path
         self.pipe = Gst.Pipeline.new("segment")
         self.sink = make("appsink", sync=False, max_buffers=8, drop=False, enable_last_sample=False)
-        demux = demuxer(container)
+        demux = make("matroskademux")
         link_chain(self.pipe, [make("filesrc", location=path), demux])
-        self.pipe.add(self.sink)
-        demux.connect("pad-added", lambda _d, pad: pad.link(self.sink.get_static_pad("sink")))
+        tail = [make(decoder), self.sink] if decoder else [self.sink]
+        link_chain(self.pipe, tail)
+        demux.connect("pad-added", lambda _d, pad: pad.link(tail[0].get_static_pad("sink")))
         self.pipe.set_state(Gst.State.PLAYING)
 
     def __iter__(self):
@@ -70,21 +72,18 @@ class SegmentReader:
             self.pipe.set_state(Gst.State.NULL)
 
 
-def join(plan, segments, in_path, tmp_out, container, kind, has_audio, say):
-    """Mux `segments` ([{path, first, frames}], in film order) into `tmp_out`. Returns
-    (seconds, bytes of encoded video joined)."""
-    frames = plan["frames"]
-    pipe = Gst.Pipeline.new("join")
-    appsrc = make("appsrc", format=Gst.Format.TIME, block=False, handle_segment_change=True)
+def _output(name, tmp_out, container, in_path, has_audio, video):
+    """A pipeline `video… ! muxer ! filesink` with, if `has_audio`, the source's audio decoded and
+    encoded as restore-film.sh does beside it. `video`: the elements before the muxer."""
+    pipe = Gst.Pipeline.new(name)
     mux = muxer(container)
     link_chain(pipe, [mux, make("filesink", location=tmp_out)])
-    pipe.add(appsrc)
+    link_chain(pipe, video)
     # The muxer's video pad by name: linked without caps, a muxer may hand out an audio pad.
-    if appsrc.get_static_pad("src").link(mux.request_pad_simple("video_%u")) != Gst.PadLinkReturn.OK:
+    if video[-1].get_static_pad("src").link(mux.request_pad_simple("video_%u")) != Gst.PadLinkReturn.OK:
         raise Fail(f"cannot link the video to {mux.get_factory().get_name()}")
     if has_audio:
-        # The source's audio, decoded and encoded as restore-film.sh does, beside the video. The
-        # chain and its muxer pad exist before the pipeline starts (the muxer waits for both);
+        # The chain and its muxer pad exist before the pipeline starts (the muxer waits for both);
         # decodebin stops at audio, so the video stream is not decoded.
         chain = [make("queue", max_size_time=0, max_size_buffers=0, max_size_bytes=0),
                  make("audioconvert"), make("audioresample"), *audio_encoder(container), make("queue")]
@@ -110,7 +109,28 @@ def join(plan, segments, in_path, tmp_out, container, kind, has_audio, say):
                 pad.link(sink.get_static_pad("sink"))
 
         dec.connect("pad-added", pad_added)
+    return pipe
 
+
+def _finish(pipe, appsrc, tmp_out):
+    appsrc.end_of_stream()
+    bus = pipe.get_bus()
+    while True:
+        msg = bus.timed_pop_filtered(Gst.SECOND, Gst.MessageType.EOS | Gst.MessageType.ERROR)
+        if msg is None:
+            continue
+        if msg.type == Gst.MessageType.ERROR:
+            raise Fail(f"writing {tmp_out}: {error_text(msg)}")
+        return
+
+
+def join(plan, segments, in_path, tmp_out, container, kind, has_audio, say, delay=None):
+    """Mux `segments` ([{path, first, frames}], in film order) into `tmp_out`. `delay`: how many
+    frames any segment's encoder reorders at most (from the chunks' records; counted here if not
+    given). Returns (seconds, bytes of encoded video joined)."""
+    frames = plan["frames"]
+    appsrc = make("appsrc", format=Gst.Format.TIME, block=False, handle_segment_change=True)
+    pipe = _output("join", tmp_out, container, in_path, has_audio, [appsrc])
     bus = pipe.get_bus()
 
     def check():
@@ -131,7 +151,7 @@ def join(plan, segments, in_path, tmp_out, container, kind, has_audio, say):
     try:
         pipe.set_state(Gst.State.PLAYING)
         for seg in segments:
-            reader = SegmentReader(seg["path"], container)
+            reader = SegmentReader(seg["path"])
             if intra:
                 # Every frame a key frame, in presentation order: the n-th is the chunk's n-th.
                 units = ((k, s) for k, s in enumerate(reader))
@@ -148,13 +168,11 @@ def join(plan, segments, in_path, tmp_out, container, kind, has_audio, say):
                 buf = sample.get_buffer()
                 if caps is None:
                     caps, signature = muxable(sample.get_caps()), caps_signature(sample.get_caps())
-                    delay = 0
-                    if not intra:
-                        first = samples[0].get_buffer()
-                        step = frames[0]["dur"] if frames[0]["dur"] > 0 else 1
-                        if first.dts != Gst.CLOCK_TIME_NONE and first.pts > first.dts:
-                            delay = round((first.pts - first.dts) / step)
-                        delay = max(delay, reorder_depth(ranks))
+                    if intra:
+                        delay = 0
+                    elif delay is None:
+                        delay = max(reorder_depth(presentation_ranks([s.get_buffer().pts for s in SegmentReader(g["path"])]))
+                                    for g in segments)
                     timeline = Timeline(frames, delay, base)
                 elif k == 0 and caps_signature(sample.get_caps()) != signature:
                     raise Fail(f"segment {seg['path']} is encoded otherwise than the first "
@@ -163,7 +181,7 @@ def join(plan, segments, in_path, tmp_out, container, kind, has_audio, say):
                     if buf.has_flags(Gst.BufferFlags.DELTA_UNIT):
                         raise Fail(f"segment {seg['path']} does not start with a key frame")
                     if ranks is not None and reorder_depth(ranks) > timeline.delay:
-                        raise Fail(f"segment {seg['path']} reorders frames more than the first segment does")
+                        raise Fail(f"segment {seg['path']} reorders frames more than its record says")
                 rank = k if ranks is None else ranks[k]
                 if intra and k > 0 and buf.pts != Gst.CLOCK_TIME_NONE and buf.pts <= prev_pts:
                     raise Fail(f"segment {seg['path']}: frame timestamps do not increase")
@@ -191,14 +209,61 @@ def join(plan, segments, in_path, tmp_out, container, kind, has_audio, say):
             check()
         if timeline is None or not timeline.complete():
             raise Fail("the segments do not hold every frame of the film")
-        appsrc.end_of_stream()
-        while True:
-            msg = bus.timed_pop_filtered(Gst.SECOND, Gst.MessageType.EOS | Gst.MessageType.ERROR)
-            if msg is None:
-                continue
-            if msg.type == Gst.MessageType.ERROR:
-                raise Fail(f"writing {tmp_out}: {error_text(msg)}")
-            break
+        _finish(pipe, appsrc, tmp_out)
     finally:
         pipe.set_state(Gst.State.NULL)
     return time.monotonic() - t0, joined_bytes
+
+
+def encode_once(plan, segments, in_path, tmp_out, kind, has_audio, say, out_caps):
+    """An .mp4 from lossless (FFV1) segments already rendered for the film's .mkv: every segment
+    decoded in order, each frame given its original timestamps and the film encoded once with
+    restore-film.sh's chain (x264 at `kind`'s quality), as the previous driver did for every output.
+    The driver does the encoding alone (at 1080p about as long as the film: see docs/distributed.md),
+    but no chunk is rendered again. Returns (seconds, frames)."""
+    frames = plan["frames"]
+    appsrc = make("appsrc", format=Gst.Format.TIME, block=False)
+    out_caps = Gst.Caps.from_string(out_caps)
+    # The element's own output caps first, then restore-film.sh's conversion to I420.
+    video = [appsrc, make("videoconvert"), make("capsfilter", caps=out_caps), *video_encoder(kind), make("queue")]
+    pipe = _output("encode", tmp_out, "mp4", in_path, has_audio, video)
+    bus = pipe.get_bus()
+
+    def check():
+        msg = bus.pop_filtered(Gst.MessageType.ERROR)
+        if msg is not None:
+            raise Fail(f"writing {tmp_out}: {error_text(msg)}")
+
+    k = 0
+    t0 = last = time.monotonic()
+    try:
+        pipe.set_state(Gst.State.PLAYING)
+        for seg in segments:
+            got = 0
+            for sample in SegmentReader(seg["path"], decoder="avdec_ffv1"):
+                if k == 0:
+                    appsrc.set_property("caps", sample.get_caps())
+                if got >= seg["frames"]:
+                    raise Fail(f"segment {seg['path']} holds more frames than its chunk's {seg['frames']}")
+                f = frames[seg["first"] + got]
+                buf = sample.get_buffer().copy()
+                buf.pts, buf.dts = f["rt"], Gst.CLOCK_TIME_NONE
+                buf.duration = f["dur"] if f["dur"] >= 0 else Gst.CLOCK_TIME_NONE
+                while appsrc.get_property("current-level-buffers") >= 8:
+                    time.sleep(0.005)
+                    check()
+                if appsrc.push_buffer(buf) != Gst.FlowReturn.OK:
+                    check()
+                    raise Fail(f"writing {tmp_out}: the encoder stopped")
+                got += 1
+                k += 1
+                if time.monotonic() - last > 10:
+                    last = time.monotonic()
+                    say(f"encoding: {k}/{len(frames)} frames")
+            if got != seg["frames"]:
+                raise Fail(f"segment {seg['path']} holds {got} frames, its chunk {seg['frames']}")
+            check()
+        _finish(pipe, appsrc, tmp_out)
+    finally:
+        pipe.set_state(Gst.State.NULL)
+    return time.monotonic() - t0, k

@@ -68,15 +68,16 @@ def plan_id(plan_bytes):
 
 
 def segment_kind(container, crf=DEFAULT_CRF):
-    """What a chunk's segment holds for OUT's container: .mkv FFV1 (lossless) in Matroska, .mp4
-    H.264 in MP4. Segments of another kind (or CRF) are other files: a work directory can hold
-    both, sharing its plan."""
+    """What a chunk's segment holds for OUT's container: FFV1 (lossless) for .mkv, H.264 for .mp4,
+    both in Matroska (MP4's edit lists can make a demuxer drop a segment's first frames when its
+    timestamps do not start at zero; Matroska returns every frame). Segments of another kind (or
+    CRF) are other files: a work directory can hold both, sharing its plan."""
     if container == "mkv":
         return {"codec": "ffv1", "name": "ffv1", "ext": "mkv"}
     if container == "mp4":
         if not 0 <= crf <= 51:
             raise Fail(f"--crf {crf}: x264's constant quality goes from 0 (best) to 51")
-        return {"codec": "h264", "name": f"h264-crf{crf:g}", "ext": "mp4", "crf": crf, "x264": X264_OPTIONS}
+        return {"codec": "h264", "name": f"h264-crf{crf:g}", "ext": "mkv", "crf": crf, "x264": X264_OPTIONS}
     raise Fail(f"OUT must end in .mkv (lossless FFV1) or .mp4 (H.264): .{container}")
 
 
@@ -159,11 +160,12 @@ def scan(work, chunks, kind, checksum=sha256_file):
 
 
 def actor_slots(resources, cpus_per_task, gpus_per_task):
-    """How many workers a cluster holds at once: one per GPU when tasks take a GPU, else its CPUs
-    divided by --cpus-per-task."""
+    """How many workers a cluster holds at once: its CPUs divided by --cpus-per-task, and at most
+    one per GPU when workers take a GPU."""
+    cpu_slots = int(resources.get("CPU", 0) // cpus_per_task)
     if gpus_per_task:
-        return int(resources.get("GPU", 0) // gpus_per_task)
-    return int(resources.get("CPU", 0) // cpus_per_task)
+        return min(cpu_slots, int(resources.get("GPU", 0) // gpus_per_task))
+    return cpu_slots
 
 
 # ---- the join's timeline --------------------------------------------------------------------

@@ -16,6 +16,15 @@ def prepass(location, props, say):
     restore = restorer(props, ["analyse-only=true"])
 
     def probe(pad, info):
+        if "error" in caps_in:
+            return Gst.PadProbeReturn.OK
+        try:
+            record(pad, info)
+        except Exception as e:  # noqa: BLE001 (a probe cannot raise: the error is reported after the pass)
+            caps_in["error"] = str(e)
+        return Gst.PadProbeReturn.OK
+
+    def record(pad, info):
         buf = info.get_buffer()
         caps = pad.get_current_caps()
         if "caps" not in caps_in:
@@ -25,7 +34,7 @@ def prepass(location, props, say):
         pts = buf.pts
         if pts == Gst.CLOCK_TIME_NONE or seg is None:
             caps_in["error"] = f"frame {len(frames)} has no timestamp: chunks cannot be sought"
-            return Gst.PadProbeReturn.OK
+            return
         frames.append(
             {
                 "pts": pts,
@@ -35,7 +44,6 @@ def prepass(location, props, say):
                 "crc": frame_crc(buf, caps),
             }
         )
-        return Gst.PadProbeReturn.OK
 
     restore.get_static_pad("sink").add_probe(Gst.PadProbeType.BUFFER, probe)
     decode_head(
@@ -50,6 +58,8 @@ def prepass(location, props, say):
     try:
         while True:
             msg = bus.timed_pop(200 * Gst.MSECOND)
+            if "error" in caps_in:
+                break
             if time.monotonic() - last > 10:
                 last = time.monotonic()
                 say(f"analysing: {len(frames)} frames…")

@@ -8,9 +8,10 @@ import os
 import socket
 import time
 
-from .gst import (Gst, decode_head, error_text, frame_crc, gst_init, make, muxer, plugin_identity, restorer,
-                  video_encoder, wait_state)
-from .plan import Fail, make_record, plan_id, record_file, segment_file, temp_file
+from .gst import (Gst, decode_head, error_text, frame_crc, gst_init, make, plugin_identity, restorer, video_encoder,
+                  wait_state)
+from .plan import (Fail, make_record, plan_id, presentation_ranks, record_file, reorder_depth, segment_file,
+                   temp_file)
 
 
 def write_atomic(path, data, token):
@@ -110,21 +111,21 @@ class ChunkWorker:
             visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v]
             gpu = visible.index(ids[0]) if ids and ids[0] in visible else (int(ids[0]) if ids else 0)
             extra.append(f"device=cuda:{gpu}")
-        # appsrc ! dpirrestore ! queue ! <OUT's encoder> ! muxer ! filesink: the queue gives the
-        # encoder its own thread, as in restore-film.sh.
+        # appsrc ! dpirrestore ! queue ! <OUT's encoder> ! matroskamux ! filesink: the queue gives
+        # the encoder its own thread, as in restore-film.sh.
         self.pipe = Gst.Pipeline.new("chunk")
         self.appsrc = make("appsrc", caps=Gst.Caps.from_string(self.caps_in), format=Gst.Format.TIME, block=False)
         self.restore = restorer(job["props"], extra)
         self.sink = make("filesink", location=os.devnull)
         encoder = video_encoder(job["kind"])
-        link_all = [self.appsrc, self.restore, make("queue"), *encoder, muxer(job["container"]), self.sink]
+        link_all = [self.appsrc, self.restore, make("queue"), *encoder, make("matroskamux"), self.sink]
         for e in link_all:
             self.pipe.add(e)
         for a, b in zip(link_all, link_all[1:]):
             if not a.link(b):
                 raise Fail(f"cannot link {a.get_name()} to {b.get_name()}")
         self.state = {"restored": 0, "out_caps": None, "clips": [], "failure": [], "hash": None, "units": 0,
-                      "first_key": None}
+                      "first_key": None, "pts": []}
         st = self.state
 
         def count_restored(pad, info):
@@ -142,6 +143,7 @@ class ChunkWorker:
             if st["units"] == 0:
                 st["first_key"] = not buf.has_flags(Gst.BufferFlags.DELTA_UNIT)
             st["units"] += 1
+            st["pts"].append(buf.pts)
             return Gst.PadProbeReturn.OK
 
         self.restore.get_static_pad("src").add_probe(Gst.PadProbeType.BUFFER, count_restored)
@@ -165,9 +167,13 @@ class ChunkWorker:
                     )
 
         bus.connect("sync-message", on_sync)
-        # The model loads when the element goes to PAUSED; back in READY it keeps it.
-        ret = self.pipe.set_state(Gst.State.PAUSED)
+        # The model loads when the element goes to PAUSED; back in READY it keeps it. The element
+        # alone: with the pipeline, appsrc would start pushing caps into a chain that is going back
+        # down, and the element would report that negotiation as failed.
+        self.pipe.set_state(Gst.State.READY)
+        ret = self.restore.set_state(Gst.State.PAUSED)
         failed = ret == Gst.StateChangeReturn.FAILURE or st["failure"]
+        self.restore.set_state(Gst.State.READY)
         self._rest()
         if failed:
             raise Fail(f"the worker on {self.where} cannot start dpirrestore {' '.join(job['props'])}: "
@@ -209,7 +215,8 @@ class ChunkWorker:
         self.chunks_done += 1
         rec = make_record(
             c, kind, segment=os.path.basename(final), size=size, sha256=h.hexdigest(), stream_sha256=stream_sha,
-            out_caps=self.state["out_caps"], seconds=time.monotonic() - t0, pid=os.getpid(), host=self.host,
+            out_caps=self.state["out_caps"], reorder_depth=reorder_depth(presentation_ranks(self.state["pts"])),
+            seconds=time.monotonic() - t0, pid=os.getpid(), host=self.host,
             node=self.node, where=self.where, loads=self.loads, chunks_by_worker=self.chunks_done,
         )
         write_atomic(os.path.join(work, record_file(cid, kind)), json.dumps(rec).encode(), token)
@@ -217,7 +224,8 @@ class ChunkWorker:
 
     def _render_into(self, c, me, cid, token, location):
         st = self.state
-        st.update(restored=0, out_caps=None, clips=[], failure=[], hash=hashlib.sha256(), units=0, first_key=None)
+        st.update(restored=0, out_caps=None, clips=[], failure=[], hash=hashlib.sha256(), units=0, first_key=None,
+                  pts=[])
         n = c["frames"]
         frames = self.frames[c["first"]:c["first"] + n]
         caps_in = Gst.Caps.from_string(self.caps_in)

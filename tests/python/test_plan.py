@@ -67,6 +67,7 @@ class PlanningTest(unittest.TestCase):
     def test_actor_slots_are_gpus_or_cpus_over_cpus_per_task(self):
         self.assertEqual(plan.actor_slots({"CPU": 8.0}, 2, 0), 4)
         self.assertEqual(plan.actor_slots({"CPU": 8.0, "GPU": 3.0}, 1, 1), 3)
+        self.assertEqual(plan.actor_slots({"CPU": 2.0, "GPU": 4.0}, 1, 1), 2, "a worker needs its CPU too")
         self.assertEqual(plan.actor_slots({"CPU": 1.0}, 2, 0), 0)
 
 
@@ -75,7 +76,7 @@ class SegmentFilesTest(unittest.TestCase):
         mkv, mp4 = plan.segment_kind("mkv"), plan.segment_kind("mp4", 20)
         self.assertEqual(plan.segment_file(3, mkv), "chunk-00003.ffv1.mkv")
         self.assertEqual(plan.record_file(3, mp4), "chunk-00003.h264-crf20.json")
-        self.assertEqual(plan.segment_file(3, mp4), "chunk-00003.h264-crf20.mp4")
+        self.assertEqual(plan.segment_file(3, mp4), "chunk-00003.h264-crf20.mkv")
         self.assertNotEqual(plan.segment_kind("mp4", 18), mp4)
         with self.assertRaises(plan.Fail):
             plan.segment_kind("mp4", 52)
@@ -84,10 +85,10 @@ class SegmentFilesTest(unittest.TestCase):
 
     def test_only_our_files_are_ours_and_temporary_ones_are_found(self):
         names = ["plan.json", "plan.json.tmp-12", "chunk-00001.ffv1.mkv", "chunk-00001.ffv1.json",
-                 "chunk-00002.h264-crf18.mp4.tmp-77-0a1b2c", "chunk-00002.h264-crf18.json.tmp-77-0a1b2c",
+                 "chunk-00002.h264-crf18.mkv.tmp-77-0a1b2c", "chunk-00002.h264-crf18.json.tmp-77-0a1b2c",
                  "notes.txt", "chunk-1.mkv", "film.mkv", "chunk-00001.ffv1.mkv.bak"]
         self.assertEqual(plan.our_files(names), names[:6])
-        self.assertEqual(plan.temp_files(names), ["plan.json.tmp-12", "chunk-00002.h264-crf18.mp4.tmp-77-0a1b2c",
+        self.assertEqual(plan.temp_files(names), ["plan.json.tmp-12", "chunk-00002.h264-crf18.mkv.tmp-77-0a1b2c",
                                                   "chunk-00002.h264-crf18.json.tmp-77-0a1b2c"])
         self.assertEqual(plan.temp_file("/w/chunk-00001.ffv1.mkv", "9-ab"), "/w/chunk-00001.ffv1.mkv.tmp-9-ab")
 
