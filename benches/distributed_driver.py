@@ -4,7 +4,9 @@ through `dpirrestore analyse-only=true`, CRC of every frame) and the join of the
 the film once), on the same segments. Extrapolated to an hour of film at 24 frames/s.
 
     GST_PLUGIN_PATH=$CARGO_TARGET_DIR/release ~/.cache/gst-dpir-ray-venv/bin/python \\
-        benches/distributed_driver.py [--frames 144] [--chunk-frames 48] [--size 1920x1080]
+        benches/distributed_driver.py [--frames 144] [--chunk-frames 48] [--size 1920x1080] [--snow]
+
+(KEEP=1 keeps its temporary folder, printed as /tmp/dpir-driver-bench-*, for a look at the files.)
 
 The 1080p film is the 1906 film (DPIR_MEDIA) scaled up (or, with --snow, random pixels: the
 most bytes a frame, as no codec compresses them: then FFV1), H.264 at CRF 18 with a sine audio track;

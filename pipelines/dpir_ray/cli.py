@@ -236,7 +236,7 @@ def main(argv):
         else:
             gpus = int(args.gpus_per_task)
         job = {"work": work, "plan_id": planning.plan_id(plan_bytes), "input": in_path, "props": args.props,
-               "kind": kind, "container": container, "plugin_sha256": plugin_sha, "gpus": gpus}
+               "kind": kind, "plugin_sha256": plugin_sha, "gpus": gpus}
         from .cluster import render_chunks
 
         stats = render_chunks(ray, job, chunks, todo, done, args, gpus, resources, progress, check_interrupted)

@@ -45,7 +45,7 @@ class ChunkWorker:
     and PAUSED as long as its engine settings do not change); `render()` runs one chunk.
 
     `job`: work (the shared work directory), plan_id, input, props, kind (plan.segment_kind),
-    container, plugin_sha256, gpus (1: this actor holds a GPU)."""
+    plugin_sha256, gpus (1: this actor holds a GPU)."""
 
     def __init__(self, job):
         self.job = job
