@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Restore a film across Ray workers (local by default; a cluster through Ray's RAY_ADDRESS), in
-# scene-aligned chunks: the same frames, bit for bit, as pipelines/restore-film.sh with the same
-# arguments. Resumable: run the same command again after an interruption.
+# scene-aligned chunks: the same frames as pipelines/restore-film.sh with the same arguments (.mkv:
+# bit for bit). Resumable: run the same command again after an interruption.
 #   pipelines/restore-distributed.sh IN OUT.mkv|OUT.mp4 [dpirrestore properties…] [--chunk-frames N]
-#       [--workers N] [--work-dir DIR] [--keep-parts] [--gpus-per-task 0|1|auto] …  (--help: all)
-# Runs in the Ray virtual environment $DPIR_RAY_VENV (default ~/.cache/gst-dpir-ray-venv), which
-# tests/setup-ray.sh creates.
+#       [--workers N] [--work-dir DIR] [--keep-parts] [--gpus-per-task 0|1|auto] [--crf N] …  (--help: all)
+# The program is the Python package pipelines/dpir_ray (docs/distributed.md). It runs in the Ray
+# virtual environment $DPIR_RAY_VENV (default ~/.cache/gst-dpir-ray-venv), which tests/setup-ray.sh
+# creates.
 set -euo pipefail
+here=$(cd "$(dirname -- "$0")" && pwd)
 venv="${DPIR_RAY_VENV:-$HOME/.cache/gst-dpir-ray-venv}"
 if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import ray' 2>/dev/null; then
   echo "restore-distributed.sh: no Ray virtual environment in $venv: create it with tests/setup-ray.sh" \
@@ -15,4 +17,5 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import ray' 2>/dev/nu
 fi
 # No usage statistics sent to Ray's servers unless asked for.
 export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
-exec "$venv/bin/python" "$(dirname -- "$0")/restore_distributed.py" "$@"
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+exec "$venv/bin/python" -m dpir_ray "$@"

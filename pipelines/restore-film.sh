@@ -3,7 +3,9 @@
 # untouched. Extra arguments are dpirrestore properties.
 #   pipelines/restore-film.sh IN.ogv OUT.mp4 scale=2 steps=4
 # OUT ending in .mkv is lossless: FFV1 in Matroska (8-bit RGB output as BGRx, with alpha as
-# BGRA, 16-bit as 12-bit GBR), audio as FLAC. OUT ending in .mp4 is H.264 (I420) with AAC audio.
+# BGRA, 16-bit as 12-bit GBR), audio as FLAC. OUT ending in .mp4 is H.264 (I420) with AAC audio, at
+# constant quality: x264 CRF $DPIR_X264_CRF (default 18; 0 is best, 51 worst), the settings
+# restore-distributed.sh encodes each chunk with, so that both give the same quality.
 # The file is written beside OUT under a temporary name and renamed when complete: a failed or
 # interrupted run leaves no OUT (an older OUT stays as it was).
 # The queue after dpirrestore gives the encoder its own thread: it encodes beside the model, and x264
@@ -24,7 +26,7 @@ case "$out" in
     audio_enc=(flacenc)
     mux=matroskamux ;;
   *.mp4)
-    video_tail=(videoconvert ! video/x-raw,format=I420 ! x264enc speed-preset=medium psy-tune=film ! h264parse ! queue)
+    video_tail=(videoconvert ! video/x-raw,format=I420 ! x264enc speed-preset=medium psy-tune=film pass=qual "quantizer=${DPIR_X264_CRF:-18}" ! h264parse ! queue)
     audio_enc=(avenc_aac ! aacparse)
     mux=mp4mux ;;
   *) die "OUT must end in .mkv (lossless FFV1) or .mp4 (H.264): '$out'" ;;

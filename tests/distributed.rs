@@ -1,10 +1,15 @@
-//! `pipelines/restore-distributed.sh` on a local Ray with 2 workers, against
-//! `pipelines/restore-film.sh` with the same arguments, on real footage with scene cuts: an
-//! excerpt of the 1906 film (Theora in Ogg, so chunks start by seeking into inter-coded video)
-//! and the film joined with `bikes.mp4` (lossless, with an audio track). Decoded, the outputs
-//! must hold the same frames bit for bit, as many, with the same timestamps, and the same audio;
-//! a worker killed mid-chunk and an interrupted driver must not change that; bad input must fail
-//! with a clear message and leave no OUT behind.
+//! `pipelines/restore-distributed.sh` (the `pipelines/dpir_ray` package) on a local Ray with 2
+//! workers and on a Ray cluster of three nodes on this machine (`ray.cluster_utils.Cluster`: a head
+//! and two worker nodes with a CPU each), against `pipelines/restore-film.sh` with the same
+//! arguments, on real footage with scene cuts: an excerpt of the 1906 film (Theora in Ogg, so
+//! chunks start by seeking into inter-coded video) and the film joined with `bikes.mp4` (lossless,
+//! with an audio track). Decoded, `.mkv` outputs must hold the same frames bit for bit, as many,
+//! with the same timestamps, and the same audio; `.mp4` outputs (H.264 encoded per chunk) every
+//! frame with restore-film.sh's timestamps, at its quality, and each chunk's bytes the same when
+//! rendered again elsewhere. A worker killed mid-chunk, a node lost mid-chunk and an interrupted
+//! driver must not change that; bad input must fail with a clear message and leave no OUT behind.
+//! The package's pure parts (planning, resume, the join's timeline) have plain-Python unit tests
+//! (`tests/python`), run from here.
 //!
 //! The scripts run as a user runs them, with this build's plugin (`target/<profile>`) on
 //! `GST_PLUGIN_PATH` and Ray from the virtual environment `tests/setup-ray.sh` makes
@@ -49,11 +54,15 @@ fn plugin_dir() -> PathBuf {
     dir
 }
 
+fn ray_venv() -> PathBuf {
+    std::env::var_os("DPIR_RAY_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/gst-dpir-ray-venv"))
+}
+
 /// The Ray virtual environment must be there: without it these tests fail, never skip.
 fn check_ray_venv() {
-    let venv = std::env::var_os("DPIR_RAY_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/gst-dpir-ray-venv"));
+    let venv = ray_venv();
     let ok = Command::new(venv.join("bin/python"))
         .args(["-c", "import ray, gi"])
         .status()
@@ -218,6 +227,47 @@ fn joined_reference() -> &'static Path {
     })
 }
 
+/// restore-film.sh's `.mp4` of `joined()` (H.264 at its default constant quality), made once.
+fn joined_single_mp4() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let out = std::env::temp_dir().join(format!("gst-dpir-distributed-joined-ref-{}.mp4", std::process::id()));
+        restore_film(joined(), &out, &[]);
+        out
+    })
+}
+
+/// The `.mp4` kind's segment records (`chunk-NNNNN.h264-crf18.json`) in a work directory, by chunk.
+fn mp4_records(work: &Path) -> Vec<serde_json::Value> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(work)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().ends_with(".h264-crf18.json"))
+        .collect();
+    names.sort();
+    names.iter().map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()).collect()
+}
+
+/// restore-distributed.sh's `.mp4` of `joined()` on the local Ray (4 chunks, parts kept), made once:
+/// (OUT, the chunks' records).
+fn joined_local_mp4() -> &'static (PathBuf, Vec<serde_json::Value>) {
+    static P: OnceLock<(PathBuf, Vec<serde_json::Value>)> = OnceLock::new();
+    P.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("gst-dpir-distributed-joined-mp4-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (out, work) = (dir.join("dist.mp4"), dir.join("parts"));
+        let mut c = distributed(joined(), &out, &["--chunk-frames", JOINED_CHUNK_FRAMES, "--keep-parts"]);
+        c.arg("--work-dir").arg(&work);
+        let r = run(c);
+        assert!(r.status.success(), "restore-distributed.sh .mp4 failed:\n{}", r.stderr);
+        let records = mp4_records(&work);
+        assert_eq!(records.len(), 4, "a record per chunk");
+        (out, records)
+    })
+}
+
 /// A spawned driver whose stdout lines arrive on a channel (and are kept).
 struct Live {
     child: Child,
@@ -345,6 +395,64 @@ fn count_lines(out: &str, pat: &str) -> usize {
     out.lines().filter(|l| l.contains(pat)).count()
 }
 
+/// The running time (when a player shows it) of every decoded video frame of a file.
+fn running_times(path: &Path) -> Vec<gst::ClockTime> {
+    let p = launch(&format!(
+        "filesrc location=\"{}\" ! decodebin ! video/x-raw ! appsink name=s sync=false",
+        path.display()
+    ));
+    let sink = p.by_name("s").unwrap().downcast::<gst_app::AppSink>().unwrap();
+    p.set_state(gst::State::Playing).unwrap();
+    let mut times = Vec::new();
+    while let Ok(sample) = sink.pull_sample() {
+        let seg = sample.segment().unwrap().downcast_ref::<gst::ClockTime>().unwrap().clone();
+        times.push(seg.to_running_time(sample.buffer().unwrap().pts().unwrap()).unwrap());
+    }
+    let failed = p.bus().unwrap().pop_filtered(&[gst::MessageType::Error]);
+    p.set_state(gst::State::Null).unwrap();
+    assert!(failed.is_none(), "decoding {}: {failed:?}", path.display());
+    times
+}
+
+/// PSNR (dB) of each frame of `got` against `want` (RGB pixels), as (min, mean).
+fn psnr(got: &[Frame], want: &[Frame]) -> (f64, f64) {
+    assert_eq!(got.len(), want.len(), "frame count");
+    let per_frame: Vec<f64> = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| {
+            assert_eq!(g.2.len(), w.2.len(), "frame size");
+            let se: f64 = g.2.iter().zip(&w.2).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+            let mse = se / g.2.len() as f64;
+            if mse == 0.0 { 99.0 } else { 10.0 * (255.0f64 * 255.0 / mse).log10() }
+        })
+        .collect();
+    let min = per_frame.iter().cloned().fold(f64::INFINITY, f64::min);
+    (min, per_frame.iter().sum::<f64>() / per_frame.len() as f64)
+}
+
+/// The node (id prefix) each finished chunk ran on, from the driver's lines
+/// `chunk 2/4 done: … (pid 123 on HOST, node 1a2b3c4d)`: (chunk number, node).
+fn chunk_nodes(out: &str) -> Vec<(usize, String)> {
+    out.lines()
+        .filter(|l| l.starts_with("chunk ") && l.contains(" done: frames "))
+        .map(|l| {
+            let n = l["chunk ".len()..].split('/').next().unwrap().parse().unwrap();
+            let node = l.rsplit("node ").next().unwrap().trim_end_matches(')').to_string();
+            (n, node)
+        })
+        .collect()
+}
+
+/// From the driver's line `model loads: L (W workers…`: (L, W).
+fn model_loads(out: &str) -> (usize, usize) {
+    let l = out.lines().find(|l| l.starts_with("model loads: ")).expect("a `model loads:` line");
+    let mut words = l["model loads: ".len()..].split(|c: char| c == ' ' || c == '(');
+    let loads = words.next().unwrap().parse().unwrap();
+    let workers = words.find(|w| !w.is_empty()).unwrap().parse().unwrap();
+    (loads, workers)
+}
+
 /// No OUT, and no temporary file of it, in `dir`.
 fn assert_no_output(dir: &Path, out_name: &str) {
     assert!(!dir.join(out_name).exists(), "{out_name} was written");
@@ -397,6 +505,9 @@ fn chunks_of_the_1906_film_sought_in_theora_join_into_the_frames_of_one_run() {
     // Progress: a line per finished chunk and the whole film's bar at the end.
     assert_eq!(count_lines(&dist.stdout, " done: frames "), 3, "one line per finished chunk");
     assert!(dist.stdout.contains("30/30 frames 100.0%"), "the film's progress bar");
+    // Stateful workers: each loads the model once, whatever the number of chunks.
+    assert_eq!(model_loads(&dist.stdout), (2, 2), "one model load per worker, not per chunk");
+    assert_eq!(chunk_nodes(&dist.stdout).len(), 3, "each finished chunk names its node");
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -434,20 +545,55 @@ fn the_film_joined_with_bikes_keeps_its_audio_and_equals_one_run_in_mkv_and_mp4(
     assert_eq!(decoded_audio(&dir.join("dist.mkv")), audio_in, "the source's audio, losslessly, same start");
     assert_eq!(decoded_audio(reference), audio_in);
 
-    // .mp4: the same chunks (kept in the work directory: nothing is rendered again), encoded once
-    // to H.264 at the end, decode to exactly what restore-film.sh's .mp4 decodes to. (Both encode in
-    // a thread of their own: x264 in dpirrestore's streaming thread gave other bits from run to run.)
-    let mut c = distributed(input, &dir.join("dist.mp4"), &[]);
+    // .mp4 after the .mkv, in the same work directory: nothing is rendered again; the film is
+    // encoded once from the lossless segments with restore-film.sh's encoder chain, so it decodes
+    // to exactly what restore-film.sh's .mp4 decodes to.
+    let mut c = distributed(input, &dir.join("from-mkv.mp4"), &[]);
     c.args(["--chunk-frames", JOINED_CHUNK_FRAMES, "--work-dir"]).arg(&work);
     let mp4 = run(c);
-    assert!(mp4.status.success(), "restore-distributed.sh .mp4 failed:\n{}", mp4.stderr);
+    assert!(mp4.status.success(), "restore-distributed.sh .mp4 after .mkv failed:\n{}", mp4.stderr);
     assert!(mp4.stdout.contains("resuming: 4 chunks already done, 0 to render"), "the .mkv run's chunks are reused");
-    restore_film(input, &dir.join("single.mp4"), &[]);
-    assert_eq!(video_codec(&dir.join("dist.mp4")), "video/x-h264");
-    let single_mp4 = decoded_video(&dir.join("single.mp4"));
-    assert_eq!(single_mp4.len(), JOINED_FRAMES);
-    assert_same_frames(&decoded_video(&dir.join("dist.mp4")), &single_mp4, "distributed .mp4 vs restore-film.sh .mp4");
+    assert_eq!(video_codec(&dir.join("from-mkv.mp4")), "video/x-h264");
+    assert_same_frames(
+        &decoded_video(&dir.join("from-mkv.mp4")),
+        &decoded_video(joined_single_mp4()),
+        ".mp4 from the lossless segments vs restore-film.sh .mp4",
+    );
     assert!(!work.exists(), "the work directory is removed after a run without --keep-parts");
+
+    // .mp4 rendered as such: H.264 segments, each chunk encoded by its worker at constant quality and starting with
+    // a key frame, joined without decoding: every frame with restore-film.sh's timestamps, at its
+    // quality (both x264 at the same CRF), and the source's audio.
+    let (dist_mp4, records) = joined_local_mp4();
+    assert_eq!(video_codec(dist_mp4), "video/x-h264");
+    let single_mp4 = decoded_video(joined_single_mp4());
+    let got = decoded_video(dist_mp4);
+    assert_eq!(got.len(), JOINED_FRAMES);
+    // Every frame at restore-film.sh's .mp4 running time, and so at the source's: MP4's time scale
+    // (from the frame rate) moves some frames by up to a third of a millisecond against Matroska's
+    // millisecond times, in both alike.
+    let dist_times = running_times(dist_mp4);
+    assert_eq!(dist_times, running_times(joined_single_mp4()), "every frame at restore-film.sh's .mp4 time");
+    let source_times = running_times(input);
+    assert_eq!(dist_times.len(), source_times.len());
+    for (i, (a, b)) in dist_times.iter().zip(&source_times).enumerate() {
+        assert!(a.nseconds().abs_diff(b.nseconds()) <= 1_000_000, "frame {i} at {a}, in the source at {b}");
+    }
+    let (dist_q, single_q) = (psnr(&got, &want), psnr(&single_mp4, &want));
+    eprintln!(
+        "PSNR against the lossless single run (min/mean dB): restore-distributed.sh .mp4 {:.2}/{:.2}, \
+         restore-film.sh .mp4 {:.2}/{:.2}",
+        dist_q.0, dist_q.1, single_q.0, single_q.1
+    );
+    assert!(
+        dist_q.0 >= single_q.0 - 0.5 && dist_q.1 >= single_q.1 - 0.5,
+        "the chunked .mp4 ({dist_q:?}) is more than 0.5 dB below restore-film.sh's ({single_q:?})"
+    );
+    let audio = decoded_audio(dist_mp4);
+    assert!(!audio.1.is_empty(), "the .mp4 keeps the audio");
+    assert_eq!(audio, decoded_audio(joined_single_mp4()), "the audio of restore-film.sh's .mp4, same start");
+    let firsts: Vec<u64> = records.iter().map(|r| r["first"].as_u64().unwrap()).collect();
+    assert_eq!(firsts, JOINED_CUTS, "one H.264 segment per chunk");
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -475,6 +621,9 @@ fn a_worker_killed_mid_chunk_is_retried_and_the_frames_are_unchanged() {
         "chunk 2 was not rendered again after its worker (pid {pid}) was killed mid-chunk"
     );
     assert_eq!(count_lines(&stdout, " done: frames "), 2);
+    // The lost worker was replaced: one model load per worker that started, never one per chunk.
+    let (loads, workers) = model_loads(&stdout);
+    assert!(loads == workers && (2..=3).contains(&workers), "{loads} model loads for {workers} workers");
     assert_same_frames(&decoded_video(&out), &want, "after a killed worker");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -530,6 +679,7 @@ fn an_interrupted_driver_resumes_rendering_only_missing_or_corrupt_chunks() {
         "only the missing and the corrupt chunks are rendered"
     );
     assert_same_frames(&decoded_video(&out), &want, "resumed");
+    assert!(!work.exists(), "the work directory is removed after a run without --keep-parts");
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -648,5 +798,202 @@ fn restore_film_sh_mkv_holds_exactly_the_element_s_frames_and_mp4_is_h264() {
     assert_eq!(video_codec(&dir.join("o.mp4")), "video/x-h264");
     assert_eq!(decoded_video(&dir.join("o.mp4")).len(), 6);
     assert!(!decoded_audio(&dir.join("o.mp4")).1.is_empty(), "the .mp4 keeps the audio");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn planning_resume_and_the_join_timeline_pass_their_plain_python_unit_tests() {
+    // Debian's python3 (no Ray, no need of GStreamer): the pure modules must import there.
+    let python = std::env::var_os("DPIR_PYTHON").unwrap_or_else(|| "/usr/bin/python3".into());
+    let out = Command::new(&python)
+        .args(["-m", "unittest", "discover", "-v", "-s"])
+        .arg(repo().join("tests/python"))
+        .arg("-t")
+        .arg(repo().join("tests/python"))
+        .env("PYTHONPATH", repo().join("pipelines"))
+        .output()
+        .expect("running python3 -m unittest");
+    let text = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{text}");
+    assert!(out.status.success(), "the plain-Python unit tests failed:\n{text}");
+    assert!(text.contains("\nOK"), "no unittest summary:\n{text}");
+}
+
+/// A Ray cluster of a head (no CPU for tasks) and worker nodes with 1 CPU each, all on this
+/// machine (`tests/python/ray_test_cluster.py`); shut down when dropped.
+struct TestCluster {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    address: String,
+    nodes: Vec<String>,
+}
+
+impl TestCluster {
+    fn start(worker_nodes: usize) -> Self {
+        let mut child = Command::new(ray_venv().join("bin/python"))
+            .arg(repo().join("tests/python/ray_test_cluster.py"))
+            .args(["--nodes", &worker_nodes.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the test cluster");
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let stdin = child.stdin.take();
+        let mut c = Self { child, stdin, lines: rx, address: String::new(), nodes: Vec::new() };
+        loop {
+            let l = c.next_line();
+            if let Some(a) = l.strip_prefix("ADDRESS ") {
+                c.address = a.to_string();
+            } else if let Some(n) = l.strip_prefix("NODE ") {
+                c.nodes.push(n.to_string());
+            } else if l == "READY" {
+                break;
+            }
+        }
+        assert_eq!(c.nodes.len(), worker_nodes);
+        c
+    }
+
+    fn next_line(&self) -> String {
+        let l = self.lines.recv_timeout(Duration::from_secs(120)).expect("the test cluster stopped answering");
+        eprintln!("   cluster | {l}");
+        l
+    }
+
+    fn command(&mut self, cmd: &str, answer: &str) -> String {
+        use std::io::Write;
+        writeln!(self.stdin.as_mut().unwrap(), "{cmd}").unwrap();
+        loop {
+            let l = self.next_line();
+            assert!(!l.starts_with("ERROR"), "{cmd}: {l}");
+            if let Some(rest) = l.strip_prefix(answer) {
+                return rest.trim().to_string();
+            }
+        }
+    }
+
+    /// The worker node whose id starts with `prefix`.
+    fn node(&self, prefix: &str) -> String {
+        self.nodes.iter().find(|n| n.starts_with(prefix)).unwrap_or_else(|| panic!("no node {prefix}")).clone()
+    }
+
+    fn remove(&mut self, node: &str) {
+        self.command(&format!("remove {node}"), "REMOVED");
+        self.nodes.retain(|n| n != node);
+    }
+
+    fn add(&mut self) -> String {
+        let n = self.command("add", "NODE ");
+        self.nodes.push(n.clone());
+        n
+    }
+
+    fn driver(&self, mut cmd: Command) -> Command {
+        cmd.env("RAY_ADDRESS", &self.address);
+        cmd
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        drop(self.stdin.take()); // end of input: the helper shuts the cluster down
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(60) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn on_a_three_node_cluster_chunks_use_both_workers_a_lost_node_s_chunk_reruns_elsewhere_and_a_stopped_run_resumes() {
+    let _g = serial();
+    check_ray_venv();
+    let dir = scratch("cluster");
+    let want = decoded_video(joined_reference());
+    let audio_in = decoded_audio(joined());
+    let (local_mp4, local_records) = joined_local_mp4();
+    let mut cluster = TestCluster::start(2);
+    let chunks = ["--chunk-frames", JOINED_CHUNK_FRAMES];
+
+    // 1. Four chunks on two worker nodes: both render, each loading the model once; the .mkv is
+    // the single run's, frame for frame, with its audio.
+    let out = dir.join("cluster.mkv");
+    let r = run(cluster.driver(distributed(joined(), &out, &chunks)));
+    assert!(r.status.success(), "restore-distributed.sh on the cluster failed:\n{}", r.stderr);
+    assert!(r.stdout.contains("Ray cluster at "), "the driver joined the cluster");
+    let ran_on: std::collections::BTreeSet<String> = chunk_nodes(&r.stdout).into_iter().map(|(_, n)| n).collect();
+    let workers: std::collections::BTreeSet<String> = cluster.nodes.iter().map(|n| n[..8].to_string()).collect();
+    assert_eq!(ran_on, workers, "chunks ran on both worker nodes (and on no other)");
+    assert_eq!(model_loads(&r.stdout), (2, 2), "one model load per worker");
+    assert_same_frames(&decoded_video(&out), &want, "cluster .mkv vs restore-film.sh .mkv");
+    assert_eq!(decoded_audio(&out), audio_in, "the source's audio");
+
+    // 2. .mp4, and a worker node removed while it renders a chunk: that chunk is rendered again on
+    // the other node; OUT has every frame, and each chunk's H.264 bytes are those the local run wrote.
+    let out = dir.join("cluster.mp4");
+    let work = dir.join("parts-mp4");
+    let mut c = distributed(joined(), &out, &chunks);
+    c.args(["--keep-parts", "--work-dir"]).arg(&work);
+    let mut live = Live::spawn(cluster.driver(c));
+    let line = live.wait_for(Duration::from_secs(120), |l| l.starts_with("chunk ") && l.contains(": started,"));
+    let chunk: usize = line["chunk ".len()..].split('/').next().unwrap().parse().unwrap();
+    let lost = cluster.node(line.rsplit("node ").next().unwrap().trim_end_matches(')'));
+    cluster.remove(&lost);
+    let (status, stdout, stderr) = live.finish();
+    assert!(status.success(), "the run did not survive a lost node:\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    let restart = lines.iter().position(|l| l.starts_with(&format!("chunk {chunk}/4: restarted (attempt 2")));
+    let done = lines.iter().position(|l| l.starts_with(&format!("chunk {chunk}/4 done: ")));
+    assert!(
+        matches!((restart, done), (Some(r), Some(d)) if r < d),
+        "chunk {chunk} was not rendered again after its node {lost} was removed"
+    );
+    let nodes = chunk_nodes(&stdout);
+    assert_eq!(nodes.len(), 4);
+    let survivor = cluster.nodes[0][..8].to_string();
+    assert!(
+        nodes.iter().any(|(n, node)| *n == chunk && *node == survivor),
+        "chunk {chunk} was finished on the other node"
+    );
+    let records = mp4_records(&work);
+    let sums = |rs: &[serde_json::Value]| rs.iter().map(|r| r["stream_sha256"].clone()).collect::<Vec<_>>();
+    assert_eq!(sums(&records), sums(local_records), "each chunk's H.264 bytes are the same on another node");
+    assert_same_frames(&decoded_video(&out), &decoded_video(local_mp4), "cluster .mp4 vs local .mp4");
+
+    // 3. A node joins again; a run interrupted after its first finished chunk resumes from there.
+    cluster.add();
+    let out = dir.join("resumed.mkv");
+    let work = dir.join("parts-resume");
+    let cmd = || {
+        let mut c = cluster.driver(distributed(joined(), &out, &chunks));
+        c.arg("--work-dir").arg(&work);
+        c
+    };
+    let mut live = Live::spawn(cmd());
+    live.wait_for(Duration::from_secs(120), |l| l.contains(" done: frames "));
+    signal(live.child.id(), "INT");
+    let (status, _, stderr) = live.finish();
+    assert!(!status.success() && stderr.contains("interrupted"), "{stderr}");
+    assert_no_output(&dir, "resumed.mkv");
+    let rerun = run(cmd());
+    assert!(rerun.status.success(), "the re-run failed:\n{}", rerun.stderr);
+    let resumed = rerun.stdout.lines().find(|l| l.contains("resuming: ")).expect("a resuming line");
+    let kept: usize = resumed.split("resuming: ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!((1..4).contains(&kept), "{resumed}");
+    assert_eq!(count_lines(&rerun.stdout, " done: frames "), 4 - kept, "only the missing chunks are rendered");
+    assert_same_frames(&decoded_video(&out), &want, "resumed on the cluster");
+    drop(cluster);
     std::fs::remove_dir_all(&dir).ok();
 }
