@@ -15,14 +15,14 @@ use gstdpir::model::prompt::{ImagePromptEncoder, PromptConfig, assemble};
 use gstdpir::model::t5::{T5Config, T5Encoder, T5Tokenizer, TextEncoder};
 use serde_json::Value;
 
-fn median<T>(n: usize, mut f: impl FnMut() -> Result<T>) -> Result<Duration> {
+fn median<T>(n: usize, mut f: impl FnMut() -> candle_core::Result<T>) -> Result<Duration> {
     f()?; // warm-up
     let mut v: Vec<Duration> = (0..n)
         .map(|_| {
             let t = Instant::now();
             f().map(|_| t.elapsed())
         })
-        .collect::<Result<_>>()?;
+        .collect::<candle_core::Result<_>>()?;
     v.sort();
     Ok(v[n / 2])
 }
@@ -41,7 +41,7 @@ fn main() -> Result<()> {
     };
     let lc = |c: &str| &cfg["library_configs"][c];
     let tower =
-        |c: &str| -> Result<ClipVisionModel> { ClipVisionModel::new(&ClipVisionConfig::from_json(lc(c))?, vb(c)?) };
+        |c: &str| -> Result<ClipVisionModel> { Ok(ClipVisionModel::new(&ClipVisionConfig::from_json(lc(c))?, vb(c)?)?) };
     let image =
         ImagePromptEncoder::new(tower("image_encoder_one")?, tower("image_encoder_two")?, PromptConfig::default())?;
     let t5: T5Config = serde_json::from_value(lc("text_encoder_three").clone())?;

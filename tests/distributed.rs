@@ -447,7 +447,7 @@ fn chunk_nodes(out: &str) -> Vec<(usize, String)> {
 /// From the driver's line `model loads: L (W workers…`: (L, W).
 fn model_loads(out: &str) -> (usize, usize) {
     let l = out.lines().find(|l| l.starts_with("model loads: ")).expect("a `model loads:` line");
-    let mut words = l["model loads: ".len()..].split(|c: char| c == ' ' || c == '(');
+    let mut words = l["model loads: ".len()..].split([' ', '(']);
     let loads = words.next().unwrap().parse().unwrap();
     let workers = words.find(|w| !w.is_empty()).unwrap().parse().unwrap();
     (loads, workers)
@@ -732,10 +732,10 @@ fn bad_input_fails_clearly_and_leaves_no_output() {
         (audio_only.clone(), "has no video stream"),
     ] {
         let r = run(distributed(&input, &out, &[]));
-        fails(&r, &format!("restore-distributed.sh {}", input.display()), &expect);
+        fails(&r, &format!("restore-distributed.sh {}", input.display()), expect);
         let mut c = script("restore-film.sh");
         c.arg(&input).arg(&out);
-        fails(&run(c), &format!("restore-film.sh {}", input.display()), &expect);
+        fails(&run(c), &format!("restore-film.sh {}", input.display()), expect);
         assert_no_output(&out_dir, "o.mkv");
         assert!(!out_dir.join("o.mkv.parts").exists(), "an empty work directory was left");
     }
