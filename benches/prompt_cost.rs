@@ -40,8 +40,9 @@ fn main() -> Result<()> {
         Ok(unsafe { VarBuilder::from_mmaped_safetensors(&[p], DType::F32, &dev)? })
     };
     let lc = |c: &str| &cfg["library_configs"][c];
-    let tower =
-        |c: &str| -> Result<ClipVisionModel> { Ok(ClipVisionModel::new(&ClipVisionConfig::from_json(lc(c))?, vb(c)?)?) };
+    let tower = |c: &str| -> Result<ClipVisionModel> {
+        Ok(ClipVisionModel::new(&ClipVisionConfig::from_json(lc(c))?, vb(c)?)?)
+    };
     let image =
         ImagePromptEncoder::new(tower("image_encoder_one")?, tower("image_encoder_two")?, PromptConfig::default())?;
     let t5: T5Config = serde_json::from_value(lc("text_encoder_three").clone())?;

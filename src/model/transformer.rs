@@ -300,6 +300,7 @@ mod debug {
     /// Intermediates of one forward pass, named after the fixture's `debug_*` tensors (the parity
     /// tests', `parity` feature).
     #[derive(Debug, Clone)]
+    #[cfg_attr(not(feature = "parity"), allow(dead_code))] // read by the parity tests only
     pub struct DpirDebug {
         /// Patch conv + cropped pos-embed, [B, tokens, inner].
         pub patch_embed: Tensor,
