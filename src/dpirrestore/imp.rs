@@ -1083,7 +1083,7 @@ impl ObjectImpl for DpirRestore {
             "fidelity" => e.fidelity = value.get().unwrap(),
             "max-inflight" => s.max_inflight = value.get().unwrap(),
             "qos" => s.qos = value.get().unwrap(),
-            "scene-threshold" => {}
+            "scene-threshold" => s.scene_threshold = value.get().unwrap(),
             "clip-max-frames" => s.clip_max_frames = value.get().unwrap(),
             "tags-as-prompt" => s.tags_as_prompt = value.get().unwrap(),
             "first-clip-index" => s.first_clip_index = value.get().unwrap(),
