@@ -57,36 +57,49 @@ fn nearest_test_engine_the_whole_1906_film_decoded_restored_encoded_keeps_every_
 
 /// The element as a user runs it: no `model` property (the embedded dpir-nano), the real engine,
 /// ×2, into a real encoder (FFV1 in Matroska, as `restore-film.sh` writes `.mkv`); every frame
-/// restored comes out of the file, at twice the size. (Theora in Ogg here decoded fewer frames
-/// than were written in 1 run of about 12 on a loaded machine, with the element's output complete;
-/// FFV1, lossless, has no rate control or timing of its own.)
+/// restored comes out of the file, at twice the size, and each is the film's frame restored: the
+/// model changed it (below 50 dB from the plain upscale that `fidelity=1` writes) and kept the
+/// picture (above 30 dB from it; a shifted or garbled frame is far below). (Theora in Ogg here
+/// decoded fewer frames than were written in 1 run of about 12 on a loaded machine; FFV1,
+/// lossless, has no rate control or timing of its own.)
 #[test]
 fn embedded_model_restores_the_film_s_first_frames_through_real_codecs() {
-    let input = media(FILM);
-    let out = std::env::temp_dir().join(format!("dpir-film-nano-{}.mkv", std::process::id()));
     let frames = 12;
-    let pipeline = launch(&format!(
-        "filesrc location=\"{}\" ! decodebin ! videoconvert ! identity eos-after={} ! dpirrestore name=d scale=2 ! \
-         videoconvert ! avenc_ffv1 ! matroskamux ! filesink location=\"{}\"",
-        input.display(),
-        frames + 1,
-        out.display()
-    ));
-    let n_in = count_buffers(&pipeline, "d");
-    run_pipeline(&pipeline).expect("embedded model pipeline");
-    let n_in = n_in.load(Ordering::SeqCst);
-    assert!(n_in >= frames as u64, "{n_in} frames reached the element");
-    let check = launch(&format!(
-        "filesrc location=\"{}\" ! decodebin ! videoconvert ! video/x-raw,format=RGB ! fakesink name=sink",
-        out.display()
-    ));
-    let store = capture(&check, "sink", 1000);
-    run_pipeline(&check).expect("decoding the restored file");
-    let store = store.lock().unwrap();
-    assert_eq!(store.len() as u64, n_in, "one restored frame per input frame");
-    let s = store[0].1.structure(0).unwrap().to_owned();
-    assert_eq!((s.get::<i32>("width").unwrap(), s.get::<i32>("height").unwrap()), (428, 320));
-    std::fs::remove_file(&out).ok();
+    let encode = |props: &str, name: &str| {
+        let out = std::env::temp_dir().join(format!("dpir-film-nano-{name}-{}.mkv", std::process::id()));
+        let pipeline = launch(&format!(
+            "filesrc location=\"{}\" ! decodebin ! videoconvert ! identity eos-after={} ! dpirrestore name=d scale=2 \
+             {props} ! videoconvert ! avenc_ffv1 ! matroskamux ! filesink location=\"{}\"",
+            media(FILM).display(),
+            frames + 1,
+            out.display()
+        ));
+        let n_in = count_buffers(&pipeline, "d");
+        run_pipeline(&pipeline).expect("embedded model pipeline");
+        let n_in = n_in.load(Ordering::SeqCst);
+        assert!(n_in >= frames as u64, "{n_in} frames reached the element");
+        let check = launch(&format!(
+            "filesrc location=\"{}\" ! decodebin ! videoconvert ! video/x-raw,format=RGB ! fakesink name=sink",
+            out.display()
+        ));
+        let store = capture(&check, "sink", 1000);
+        run_pipeline(&check).expect("decoding the restored file");
+        std::fs::remove_file(&out).ok();
+        let store = store.lock().unwrap();
+        assert_eq!(store.len() as u64, n_in, "one restored frame per input frame");
+        let s = store[0].1.structure(0).unwrap().to_owned();
+        assert_eq!((s.get::<i32>("width").unwrap(), s.get::<i32>("height").unwrap()), (428, 320));
+        store.iter().map(|(b, c)| rgb_rows_cropped(b, c, 428)).collect::<Vec<_>>()
+    };
+    let (restored, plain) = (encode("", "restored"), encode("fidelity=1", "plain"));
+    assert_eq!(restored.len(), plain.len());
+    // The frame that meets `eos-after` is not decoded alike in two runs (its input alone differs,
+    // by about 30 dB): compare the frames before it.
+    let db: Vec<f64> = restored.iter().zip(&plain).take(frames).map(|(r, p)| psnr(r, p)).collect();
+    println!("restored vs plain upscale per frame, dB: {db:.1?}");
+    for (i, d) in db.iter().enumerate() {
+        assert!((30.0..50.0).contains(d), "frame {i}: restored vs plain upscale {d:.2} dB");
+    }
 }
 
 /// The folder holding this build's `libgstdpir.so` (`tests/run` builds it before the tests):

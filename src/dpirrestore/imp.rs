@@ -783,8 +783,9 @@ impl DpirRestore {
                 gst::info!(
                     CAT,
                     imp = self,
-                    "engine ready in {:.2} s: {}",
+                    "engine ready in {:.2} s, process resident {:.2} GiB: {}",
                     t0.elapsed().as_secs_f64(),
+                    crate::engine::resident_memory() as f64 / (1u64 << 30) as f64,
                     engine.describe()
                 );
                 messages::load(obj.upcast_ref(), gst::ProgressType::Complete, &engine.describe());

@@ -17,6 +17,7 @@ pub use crate::model::autoencoder::LqLatent;
 pub use crate::model::color_fix::ColorFix;
 pub use crate::model::dpir::{DeviceSpec, Precision};
 pub use crate::model::loader::LoadError;
+pub use crate::model::memory::rss as resident_memory;
 pub use crate::model::prompt::TilingMode;
 
 pub mod clip_state;

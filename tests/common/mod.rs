@@ -94,6 +94,23 @@ pub fn capture(pipeline: &gst::Pipeline, name: &str, max: usize) -> Arc<Mutex<Ve
     store
 }
 
+/// PSNR in dB between two 8-bit images of the same layout.
+pub fn psnr(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len(), "images of different sizes");
+    let se: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
+    10.0 * (255f64.powi(2) / (se / a.len() as f64).max(1e-12)).log10()
+}
+
+/// The RGB rows of a captured 8-bit RGB buffer, `w` pixels of each (left-aligned crop), without
+/// the stride's padding.
+pub fn rgb_rows_cropped(buf: &gst::Buffer, caps: &gst::Caps, w: usize) -> Vec<u8> {
+    let info = gst_video::VideoInfo::from_caps(caps).unwrap();
+    assert!(w <= info.width() as usize);
+    let stride = info.stride()[0] as usize;
+    let map = buf.map_readable().unwrap();
+    (0..info.height() as usize).flat_map(|y| map[y * stride..y * stride + w * 3].to_vec()).collect()
+}
+
 /// Decoded video frames in a file.
 pub fn count_frames(path: &Path) -> u64 {
     let p = launch(&format!(
