@@ -653,14 +653,12 @@ fn plan_memory(
     let mut plan = plan(precision, has_text && !opts.low_memory, shapes.clone());
     let Some(b) = budget.clone() else { return Ok(plan) };
     // At precision `p`: (everything resident with room for a frame of one of the model's own
-    // tiles, the weights at all with T5 released between prompts). The first decides whether T5
-    // stays; only the second refuses to load (the frame itself is checked once its size is known).
+    // tiles, every weight at once with no frame in flight). The first decides whether T5 stays
+    // between prompts; only the second refuses to load: a new prompt loads T5 beside the rest,
+    // so even a released T5 must fit beside it (the frame is checked once its size is known).
     let fits = |p: &MemoryPlan| {
         let w = &p.weights;
-        (
-            w.total() + RUNTIME_RESERVE + p.one_tile_peak() <= b.bytes,
-            w.without_text().max(w.text_encoder) + RUNTIME_RESERVE <= b.bytes,
-        )
+        (w.total() + RUNTIME_RESERVE + p.one_tile_peak() <= b.bytes, w.total() + RUNTIME_RESERVE <= b.bytes)
     };
     let (all, least) = fits(&plan);
     if least {
@@ -674,8 +672,8 @@ fn plan_memory(
         match fits(&half) {
             (true, _) => ways.push(format!("precision=f16 or bf16 (weights {})", gib(half.weights.total()))),
             (false, true) => ways.push(format!(
-                "precision=f16 or bf16 ({} at a time{})",
-                gib(half.weights.without_text().max(half.weights.text_encoder)),
+                "precision=f16 or bf16 (weights {}{})",
+                gib(half.weights.total()),
                 if has_text { ", with T5 loaded only to embed a new prompt" } else { "" }
             )),
             _ => {}
@@ -687,18 +685,12 @@ fn plan_memory(
         format!("set {}", ways.join(", or "))
     };
     let w = &plan.weights;
-    let least = if has_text { w.without_text().max(w.text_encoder) } else { w.total() };
     Err(LoadError::Memory(format!(
-        "{} holds {} of weights at precision={precision} ({w}){}; with {} to run, that does not fit in what this \
+        "{} holds {} of weights at precision={precision} ({w}); with {} to run, that does not fit in what this \
          process may use, {b}: {way} (on the CPU every precision computes in f32: f16 and bf16 only hold the \
          weights in half)",
         files.manifest.name.clone().unwrap_or_else(|| files.source.describe()),
         gib(w.total()),
-        if has_text {
-            format!(", at least {} at a time with T5 loaded only to embed a prompt", gib(least))
-        } else {
-            String::new()
-        },
         gib(RUNTIME_RESERVE),
     )))
 }
