@@ -16,17 +16,17 @@
 # the driver (13.0 <-> driver 580). CUDA 12.x `nvidia-cuda-nvcc-cu12` wheels ship ptxas but no
 # nvcc; the CUDA 13 `nvidia-cuda-nvcc` wheels ship nvcc, cicc and the headers.
 #
-# Environment: CUDA_PYPI (wheel dir, default /root/cuda-pypi/cu13; cuDNN goes to $CUDA_PYPI-cudnn),
-# CUDA_COMPUTE_CAP (default 90: H100/H200; kernels for sm_90a), CARGO_TARGET_DIR (default /root/.cache/gst-dpir-cuda-target,
+# Environment: CUDA_PYPI (wheel dir, default $HOME/cuda-pypi/cu13; cuDNN goes to $CUDA_PYPI-cudnn),
+# CUDA_COMPUTE_CAP (default 90: H100/H200; kernels for sm_90a), CARGO_TARGET_DIR (default $HOME/.cache/gst-dpir-cuda-target,
 # kept apart from the CPU build's target dir), FEATURES (cuda or cudnn), BIN_DIR (tests/gpu/bin),
 # TARGETS (cargo target options, default: the two GPU benches).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-CUDA_PYPI=${CUDA_PYPI:-/root/cuda-pypi/cu13}
+CUDA_PYPI=${CUDA_PYPI:-$HOME/cuda-pypi/cu13}
 FEATURES=${FEATURES:-cuda}
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/gst-dpir-cuda-target}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/gst-dpir-cuda-target}
 
 # 1. The toolkit from PyPI (versions = the GPU image's CUDA 13.0 toolkit and PyTorch libraries).
 wheels=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88
