@@ -85,22 +85,6 @@ def remove_parts(work, keep_dir=False, only_temp=False):
         os.rmdir(work)
 
 
-def write_atomic(path, data):
-    tmp = planning.temp_file(path, str(os.getpid()))
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise Fail(f"cannot write {path}: {e.strerror}") from None
-
-
 def main(argv):
     args = parse_args(argv)
     t_start = time.monotonic()
@@ -193,7 +177,7 @@ def main(argv):
         plan = {"key": key, "caps_in": pre["caps_in"], "frames": pre["frames"], "clips": pre["clips"],
                 "chunks": chunks}
         plan_bytes = json.dumps(plan).encode()
-        write_atomic(plan_path, plan_bytes)
+        planning.write_atomic(plan_path, plan_bytes, str(os.getpid()))
         say(f"pre-pass: {len(pre['frames'])} frames, {len(pre['clips'])} clips in {pre['seconds']:.1f} s")
     chunks = plan["chunks"]
     total = len(plan["frames"])

@@ -103,6 +103,23 @@ def our_files(names):
     return [n for n in names if _OURS.fullmatch(n)]
 
 
+def write_atomic(path, data, token):
+    """`data` into `path` through a temporary name and a rename: readers see all of it or nothing."""
+    tmp = temp_file(path, token)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise Fail(f"cannot write {path}: {e.strerror}") from None
+
+
 def temp_files(names):
     """Files of ours that were never renamed: written by a run or a worker that was stopped."""
     return [n for n in our_files(names) if _TEMP.fullmatch(n)]

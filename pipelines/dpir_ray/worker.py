@@ -11,24 +11,7 @@ import time
 from .gst import (Gst, decode_head, error_text, frame_crc, gst_init, make, plugin_identity, restorer, video_encoder,
                   wait_state)
 from .plan import (Fail, make_record, plan_id, presentation_ranks, record_file, reorder_depth, segment_file,
-                   temp_file)
-
-
-def write_atomic(path, data, token):
-    """`data` into `path` through a temporary name and a rename: readers see all of it or nothing."""
-    tmp = temp_file(path, token)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise Fail(f"cannot write {path}: {e.strerror}") from None
+                   temp_file, write_atomic)
 
 
 def fsync_path(path, directory=False):
